@@ -1,0 +1,1 @@
+"""Triton kernels, installed as `nlsr_fast.kernels`. Imported lazily by the op adapters: triton is optional."""
