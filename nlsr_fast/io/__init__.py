@@ -1,0 +1,33 @@
+"""Checkpoint and adapter I/O: a one-shard-at-a-time reader, a PEFT adapter reader/writer, a size-capped shard
+writer, atomic output folders and file hashes."""
+
+from nlsr_fast.io._format import TensorInfo, read_header, write_safetensors
+from nlsr_fast.io.adapter import (
+    LoraAdapter,
+    LoraModule,
+    check_adapter_matches_base,
+    check_compatible,
+    get_pattern_key,
+    write_adapter,
+)
+from nlsr_fast.io.checkpoint import CheckpointReader
+from nlsr_fast.io.hashing import file_record, sha256_file
+from nlsr_fast.io.output import ShardWriter, atomic_output, fsync_tree
+
+__all__ = [
+    "CheckpointReader",
+    "LoraAdapter",
+    "LoraModule",
+    "ShardWriter",
+    "TensorInfo",
+    "atomic_output",
+    "check_adapter_matches_base",
+    "check_compatible",
+    "file_record",
+    "fsync_tree",
+    "get_pattern_key",
+    "read_header",
+    "sha256_file",
+    "write_adapter",
+    "write_safetensors",
+]

@@ -1,0 +1,245 @@
+"""atomic_output, ShardWriter and file hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import nlsr_fast.io.output as output_mod
+from nlsr_fast.io import CheckpointReader, ShardWriter, atomic_output, file_record, sha256_file
+
+
+@pytest.fixture
+def inp(tmp_path: Path) -> Path:
+    folder = tmp_path / "input"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"input data")
+    return folder
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_atomic_output_success(tmp_path: Path, inp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def tracking_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(output_mod.os, "fsync", tracking_fsync)
+    out = tmp_path / "out"
+    with atomic_output(out, inputs=[inp]) as partial:
+        assert partial == Path(f"{out}.partial") and partial.is_dir() and not any(partial.iterdir())
+        assert not out.exists()
+        (partial / "a.txt").write_text("hello")
+        (partial / "sub").mkdir()
+        (partial / "sub" / "b.txt").write_text("world")
+    assert not partial.exists()
+    assert (out / "a.txt").read_text() == "hello" and (out / "sub" / "b.txt").read_text() == "world"
+    # Every file and folder of the partial tree was fsynced before the rename, then the parent.
+    assert {str(partial / "a.txt"), str(partial / "sub" / "b.txt"), str(partial), str(partial / "sub")} <= set(synced)
+    assert str(tmp_path) in synced
+    assert _snapshot(inp) == {"weights.bin": b"input data"}
+
+
+def test_atomic_output_exception_cleans_up(tmp_path: Path, inp: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_output(out, inputs=[inp]) as partial:
+            (partial / "half.safetensors").write_bytes(b"x" * 100)
+            raise RuntimeError("boom")
+    assert not out.exists() and not Path(f"{out}.partial").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input"]
+
+
+def test_atomic_output_keyboard_interrupt_cleans_up(tmp_path: Path, inp: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output(out, inputs=[inp]) as partial:
+            (partial / "x").write_text("x")
+            raise KeyboardInterrupt
+    assert not out.exists() and not Path(f"{out}.partial").exists()
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "deep_inside", "contains", "input_file_parent"])
+def test_atomic_output_refuses_inputs(tmp_path: Path, inp: Path, where: str) -> None:
+    out = {
+        "same": inp,
+        "inside": inp / "out",
+        "deep_inside": inp / "a" / "b",
+        "contains": tmp_path,
+        "input_file_parent": inp,
+    }[where]
+    inputs = [inp / "weights.bin"] if where == "input_file_parent" else [inp]
+    before = _snapshot(tmp_path)
+    with pytest.raises(ValueError, match="refusing") as e:
+        with atomic_output(out, inputs=inputs, overwrite=True):
+            pytest.fail("body must not run")
+    assert str(inputs[0]) in str(e.value)
+    assert _snapshot(tmp_path) == before and not Path(f"{out}.partial").exists()
+
+
+def test_atomic_output_refuses_through_symlink(tmp_path: Path, inp: Path) -> None:
+    link = tmp_path / "link"
+    link.symlink_to(inp)
+    with pytest.raises(ValueError, match="lies inside the input"):
+        with atomic_output(link / "out", inputs=[inp]):
+            pytest.fail("body must not run")
+    with pytest.raises(ValueError, match="is the input"):
+        with atomic_output(tmp_path / "o", inputs=[tmp_path / "o.partial"]):
+            pytest.fail("body must not run")
+    assert not (inp / "out.partial").exists()
+
+
+def test_atomic_output_overwrite(tmp_path: Path, inp: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(ValueError, match="already exists; pass overwrite=True"):
+        with atomic_output(out, inputs=[inp]):
+            pytest.fail("body must not run")
+    assert (out / "old.txt").read_text() == "old" and not Path(f"{out}.partial").exists()
+    # A failed overwrite keeps the old output.
+    with pytest.raises(RuntimeError):
+        with atomic_output(out, inputs=[inp], overwrite=True) as partial:
+            (partial / "new.txt").write_text("new")
+            raise RuntimeError("dies")
+    assert _snapshot(out) == {"old.txt": b"old"}
+    with atomic_output(out, inputs=[inp], overwrite=True) as partial:
+        (partial / "new.txt").write_text("new")
+        assert (out / "old.txt").exists()
+    assert _snapshot(out) == {"new.txt": b"new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input", "out"]
+
+
+def test_atomic_output_removes_stale_partial(tmp_path: Path, inp: Path) -> None:
+    out = tmp_path / "out"
+    stale = Path(f"{out}.partial")
+    stale.mkdir()
+    (stale / "model-00001-of-00002.safetensors").write_bytes(b"stale")
+    with atomic_output(out, inputs=[inp]) as partial:
+        assert partial == stale and not any(partial.iterdir())
+        (partial / "fresh").write_text("1")
+    assert _snapshot(out) == {"fresh": b"1"}
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    ts = {f"model.layers.{i}.w": torch.randn(16, 16, generator=gen) for i in range(6)}  # 1024 bytes each
+    ts["model.norm.weight"] = torch.randn(16, generator=gen).to(torch.bfloat16)  # 32 bytes
+    ts["big"] = torch.randn(40, 16, generator=gen)  # 2560 bytes, over the cap
+    ts["scalar"] = torch.tensor(3, dtype=torch.int64)
+    return ts
+
+
+def test_shard_writer_caps_and_index(tmp_path: Path) -> None:
+    ts = _tensors()
+    cap = 2100
+    with ShardWriter(tmp_path, max_shard_bytes=cap) as w:
+        for k, t in ts.items():
+            w.add(k, t)
+        assert not list(tmp_path.glob("model-*-of-*"))  # final names only at close
+    files = sorted(tmp_path.glob("model-*-of-*.safetensors"))
+    n = len(files)
+    assert [f.name for f in files] == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert not list(tmp_path.glob("*.tmp"))
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    total = sum(t.numel() * t.element_size() for t in ts.values())
+    assert index["metadata"]["total_size"] == total == w.total_size
+    assert set(index["weight_map"]) == set(ts)
+    per_file: dict[str, int] = {}
+    for f in files:
+        shard = load_file(os.fspath(f))
+        size = sum(t.numel() * t.element_size() for t in shard.values())
+        per_file[f.name] = size
+        assert size <= cap or len(shard) == 1  # only a lone over-cap tensor may pass the cap
+        for k, t in shard.items():
+            assert index["weight_map"][k] == f.name and torch.equal(t, ts[k]) and t.dtype == ts[k].dtype
+    # Greedy packing in add order: two matrices per shard (the norm joins the third), big alone, then the scalar.
+    assert list(per_file.values()) == [2048, 2048, 2080, 2560, 8]
+    index_size = (tmp_path / "model.safetensors.index.json").stat().st_size
+    assert w.bytes_written == sum(f.stat().st_size for f in files) + index_size
+    with CheckpointReader(tmp_path) as r:
+        assert set(r.keys()) == set(ts)
+        for k, t in ts.items():
+            assert torch.equal(r.get(k), t) and r.dtype(k) == t.dtype and r.shape(k) == tuple(t.shape)
+
+
+def test_shard_writer_single_shard(tmp_path: Path) -> None:
+    ts = _tensors()
+    with ShardWriter(tmp_path) as w:
+        for k, t in ts.items():
+            w.add(k, t)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+    assert w.files == [tmp_path / "model.safetensors"]
+    with CheckpointReader(tmp_path) as r:
+        assert r.index_file is None
+        assert all(torch.equal(r.get(k), t) for k, t in ts.items())
+
+
+def test_shard_writer_hf_loads_output(tiny_base: Path, tmp_path: Path) -> None:
+    """A checkpoint rewritten through the reader and the writer loads in transformers with identical weights."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "copy"
+    out.mkdir()
+    shutil.copy(tiny_base / "config.json", out / "config.json")
+    with CheckpointReader(tiny_base) as r, ShardWriter(out, max_shard_bytes=30_000) as w:
+        for k, t in r.iter_tensors():
+            w.add(k, t)
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    a = AutoModelForCausalLM.from_pretrained(os.fspath(tiny_base), dtype=torch.float32).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(os.fspath(out), dtype=torch.float32).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_shard_writer_errors_and_abort(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="max_shard_bytes must be positive"):
+        ShardWriter(tmp_path, max_shard_bytes=0)
+    w = ShardWriter(tmp_path, max_shard_bytes=10)
+    w.add("a", torch.zeros(4))
+    with pytest.raises(ValueError, match="'a' added twice"):
+        w.add("a", torch.zeros(4))
+    with pytest.raises(RuntimeError, match="boom"):
+        with w:
+            w.add("b", torch.zeros(4))
+            w.add("c", torch.zeros(4))
+            assert len(list(tmp_path.glob("*.tmp"))) == 2
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError, match="after close"):
+        w.add("d", torch.zeros(1))
+
+
+def test_shard_writer_copy_flag(tmp_path: Path) -> None:
+    buf = torch.zeros(4)
+    with ShardWriter(tmp_path) as w:
+        w.add("copied", buf, copy=True)
+        buf.fill_(7.0)
+    assert torch.equal(load_file(os.fspath(tmp_path / "model.safetensors"))["copied"], torch.zeros(4))
+
+
+def test_sha256_and_record(tmp_path: Path) -> None:
+    p = tmp_path / "f.bin"
+    data = os.urandom(100_003)
+    p.write_bytes(data)
+    expected = hashlib.sha256(data).hexdigest()
+    assert sha256_file(p) == expected
+    assert sha256_file(p, chunk=7) == expected
+    assert file_record(p) == {"path": str(p), "size": 100_003, "sha256": expected}
+    empty = tmp_path / "e"
+    empty.write_bytes(b"")
+    assert sha256_file(empty) == hashlib.sha256(b"").hexdigest()
+    with pytest.raises(ValueError, match="chunk must be positive"):
+        sha256_file(p, chunk=0)
