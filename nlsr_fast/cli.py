@@ -1,0 +1,173 @@
+"""The `nlsr-fast` command line: `realign`, `demo` and `bench`. The config is built here, never in the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+import traceback
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from nlsr_fast.config import BACKENDS, CALIB_DTYPES, METHODS, PRESETS, SELECTIONS, TEMPLATES, RealignConfig
+
+__all__ = ["build_parser", "load_yaml_options", "main"]
+
+log = logging.getLogger("nlsr_fast.cli")
+
+#: Keys a --config YAML file may set besides the RealignConfig fields.
+_EXTRA_KEYS = ("calibration", "reference")
+# Exceptions that mean "bad input": exit 2 with one line.
+_INPUT_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, NotImplementedError)
+
+
+def _add_realign(sub: Any) -> None:
+    p = sub.add_parser(
+        "realign",
+        help="realign a fine-tuned LoRA adapter with NLSR",
+        description="Restore the safety-critical neurons of a fine-tuned LoRA adapter from the (amplified) "
+        "safety-aligned adapter (NLSR, arXiv 2412.12497). Flags override --config values, which override defaults.",
+    )
+    p.add_argument("base", help="base checkpoint folder (sharded safetensors + config + tokenizer)")
+    p.add_argument("aligned", help="safety-aligned PEFT LoRA adapter folder")
+    p.add_argument("finetuned", help="fine-tuned PEFT LoRA adapter folder (continued training of ALIGNED)")
+    p.add_argument("out", help="output folder (must not exist, unless --overwrite)")
+    p.add_argument("--config", metavar="YAML", help="YAML file of option values (keys as the flags, - or _)")
+    p.add_argument("--calibration", metavar="JSONL", help="calibration samples (pairs for pref_snip)")
+    p.add_argument("--reference", metavar="DIR", help="ready reference adapter; skips amplification")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="paper (default) or official (the released code)")
+    p.add_argument("--method", choices=METHODS, help="neuron score (default low_rank)")
+    p.add_argument("--sparsity", type=float, help="sparsity s; masks keep the top 1-s (default 0.8)")
+    p.add_argument("--alpha", type=float, help="amplification coefficient (default 0.9)")
+    p.add_argument("--selection", choices=SELECTIONS, help="module selection rule (default adaptive)")
+    p.add_argument("--prune-rate", type=float, help="rho, mean restore probability of adaptive (default 0.5)")
+    p.add_argument("--epsilon", type=float, help="spread of the adaptive probabilities (default 0.2)")
+    p.add_argument("--tau", type=float, help="threshold selection: restore modules with S < tau")
+    p.add_argument("--fraction", type=float, help="fraction selection: restore the ceil(q N) least similar")
+    p.add_argument("--seed", type=int, help="seed (default 42)")
+    p.add_argument("--nsamples", type=int, help="calibration samples (default 2000)")
+    p.add_argument("--max-response-tokens", type=int, help="response tokens kept per sample (default 256)")
+    p.add_argument("--template", choices=TEMPLATES, help="prompt template (default alpaca)")
+    p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each layer with its projected/masked factors (default on)")
+    p.add_argument("--micro-batch", type=int, help="sequences per calibration forward (default: by size)")
+    p.add_argument("--calib-dtype", choices=CALIB_DTYPES, help="calibration forward dtype (default: the base's)")
+    p.add_argument("--device", help="torch device (default cuda if available, else cpu)")
+    p.add_argument("--backend", choices=BACKENDS, help="ops backend (default: fastest available)")
+    p.add_argument("--dry-run", action="store_true", default=None, help="print the plan; write nothing")
+    p.add_argument("--quiet", action="store_true", default=None, help="no progress bars")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing OUT")
+    p.add_argument("-v", "--verbose", action="store_true", help="info logs and tracebacks on errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser (realign, demo, bench)."""
+    parser = argparse.ArgumentParser(prog="nlsr-fast", description="Neuron-level safety realignment of LLMs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _add_realign(sub)
+    sub.add_parser("demo", help="end-to-end demo on a tiny model (nlsr_fast.demo)", add_help=False)
+    sub.add_parser("bench", help="benchmarks (python -m nlsr_fast.bench)", add_help=False)
+    return parser
+
+
+def load_yaml_options(path: str | Path) -> dict[str, Any]:
+    """Option values from a YAML mapping; keys may use - or _; unknown keys raise ValueError naming them."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"--config {path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--config {path}: bad YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of option: value, got {type(data).__name__}")
+    known = {f.name for f in fields(RealignConfig)} | set(_EXTRA_KEYS)
+    out = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(k for k in out if k not in known)
+    if unknown:
+        raise ValueError(f"--config {path}: unknown key(s) {unknown}; known: {sorted(known)}")
+    return out
+
+
+def _realign(args: argparse.Namespace) -> int:
+    from nlsr_fast.api import realign_with_config
+
+    values: dict[str, Any] = load_yaml_options(args.config) if args.config else {}
+    flags = vars(args)
+    for key in [f.name for f in fields(RealignConfig)] + list(_EXTRA_KEYS):
+        if flags.get(key) is not None:
+            values[key] = flags[key]
+    calibration = values.pop("calibration", None)
+    reference = values.pop("reference", None)
+    config = RealignConfig(**values)
+    report = realign_with_config(
+        config,
+        args.base,
+        args.aligned,
+        args.finetuned,
+        args.out,
+        calibration=calibration,
+        reference=reference,
+        dry_run=bool(args.dry_run),
+        quiet=bool(args.quiet),
+        overwrite=bool(args.overwrite),
+    )
+    print(report.table())
+    return 0
+
+
+def _demo(argv: Sequence[str]) -> int:
+    try:
+        import nlsr_fast.demo as demo
+    except ImportError as exc:
+        print(f"nlsr-fast demo: not available ({exc})", file=sys.stderr)
+        return 2
+    add_arguments, run = getattr(demo, "add_arguments", None), getattr(demo, "main", None)
+    if add_arguments is None or run is None:
+        print("nlsr-fast demo: not available (nlsr_fast.demo has no main/add_arguments)", file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(prog="nlsr-fast demo", description=(demo.__doc__ or "").strip() or None)
+    add_arguments(parser)
+    return int(run(parser.parse_args(list(argv))))
+
+
+def _bench(argv: Sequence[str]) -> int:
+    return subprocess.call([sys.executable, "-m", "nlsr_fast.bench", *argv])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 success, 2 bad input, 1 other failure)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # demo and bench own their arguments: forward everything after the command name.
+    if argv and argv[0] == "demo":
+        return _demo(argv[1:])
+    if argv and argv[0] == "bench":
+        return _bench(argv[1:])
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code) if isinstance(exc.code, int) else 2
+    verbose = bool(getattr(args, "verbose", False))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _realign(args)
+    except _INPUT_ERRORS as exc:
+        if verbose:
+            traceback.print_exc()
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"nlsr-fast realign: error: {msg}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - the CLI reports every failure in one line
+        if verbose:
+            traceback.print_exc()
+        print(f"nlsr-fast realign: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1

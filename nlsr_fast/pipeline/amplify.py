@@ -1,0 +1,48 @@
+"""Stage 1: safety pre-amplification of the aligned LoRA adapter into the reference `e` (SPEC §2)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+
+from nlsr_fast.config import PRESETS, Preset
+from nlsr_fast.pipeline._types import Factors
+
+__all__ = ["amplify"]
+
+log = logging.getLogger(__name__)
+
+
+def amplify(
+    adapter_factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], alpha: float, preset: Preset | str = "paper"
+) -> Factors:
+    """Reference factors e from the aligned factors a: each of A and B times the preset's factor.
+
+    Preset `paper` multiplies by sqrt(1+alpha), so dW_e = (1+alpha) dW_a; preset `official` by 2*alpha, so
+    dW_e = 4 alpha^2 dW_a (alpha = 0.5 is the identity).
+
+    Args:
+        adapter_factors: {module: (A (r, d_in), B (d_out, r))}, any float dtype.
+        alpha: amplification coefficient >= 0.
+        preset: a Preset or a key of PRESETS.
+    Returns:
+        New {module: (A_e, B_e)} in fp32 (fp32 math; the inputs are not modified), same order as the input.
+        A factor of exactly 1.0 returns fp32 copies of the inputs.
+    """
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        preset = PRESETS[preset]
+    if not alpha >= 0.0:
+        raise ValueError(f"alpha must be >= 0, got {alpha!r}")
+    c = preset.amplification_factor(float(alpha))
+    log.info("amplify: preset %s, alpha %g, each factor x %.6g (delta x %.6g)", preset.name, alpha, c, c * c)
+    out: Factors = {}
+    for name, (a, b) in adapter_factors.items():
+        if c == 1.0:
+            out[name] = (a.float().clone(), b.float().clone())
+        else:
+            out[name] = (a.float() * c, b.float() * c)
+    return out

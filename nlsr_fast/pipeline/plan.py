@@ -1,0 +1,160 @@
+"""Dry run: what a realign run would do, from headers and the calibration file alone (nothing is written)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from nlsr_fast.config import RealignConfig
+
+__all__ = ["calibration_summary", "format_plan", "make_plan"]
+
+log = logging.getLogger(__name__)
+
+_LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
+# Rough sustained throughputs of a layer-streamed forward, in FLOP/s, for the time estimate only.
+_FLOPS = {"cpu": 5e10, "cuda": 1e14}
+# Template + instruction tokens around a prompt (Alpaca header ~ 40 tokens); chars per token of English text.
+_TEMPLATE_TOKENS = 40
+_CHARS_PER_TOKEN = 4.0
+
+
+def calibration_summary(path: str | Path, *, nsamples: int, max_response_tokens: int, pairs: bool) -> dict[str, Any]:
+    """Records in the JSONL file, how many would be used and an estimate of their tokens (no tokenizer)."""
+    path = Path(path)
+    records = 0
+    chars = 0
+    resp_chars = 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        records += 1
+        chars += len(str(rec.get("prompt", "")))
+        for key in ("chosen", "rejected") if pairs else ("response",):
+            resp_chars += min(len(str(rec.get(key, ""))), int(max_response_tokens * _CHARS_PER_TOKEN))
+    used = min(records, nsamples)
+    per = 2 if pairs else 1
+    tokens = 0.0
+    if records:
+        tokens = used * (per * (_TEMPLATE_TOKENS + chars / records / _CHARS_PER_TOKEN)
+                         + resp_chars / records / _CHARS_PER_TOKEN)
+    return {"path": str(path), "records": records, "samples_used": used, "sequences": used * per,
+            "tokens_estimate": int(tokens)}
+
+
+def _layer_bytes(base: Any) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for key in base.keys():
+        m = _LAYER_RE.search(key)
+        if m:
+            info = base.info(key)
+            out[int(m.group(1))] = out.get(int(m.group(1)), 0) + int(info.nbytes)
+    return out
+
+
+def make_plan(
+    config: RealignConfig,
+    *,
+    base: Any,
+    finetuned: Any,
+    reference_given: bool,
+    calibration: dict[str, Any] | None,
+    device: str,
+    paths: dict[str, str | None],
+) -> dict[str, Any]:
+    """The dry-run plan.
+
+    Args:
+        config: the run's configuration.
+        base: io.CheckpointReader of the base checkpoint (headers only).
+        finetuned: io.LoraAdapter of the fine-tuned adapter.
+        reference_given: whether a ready reference adapter replaces amplification.
+        calibration: `calibration_summary` of the calibration file, or None.
+        device: the device the run would use.
+        paths: the input and output paths.
+    Returns:
+        A JSON-able dict: modules (name, layer, rank, shapes), counts, calibration, memory and time estimates.
+    """
+    modules = []
+    for name in finetuned.modules:
+        m = finetuned.module(name)
+        modules.append({"name": name, "layer": finetuned.layer_of(name), "rank": m.rank,
+                        "shape_a": [m.rank, m.d_in], "shape_b": [m.d_out, m.rank]})
+    layer_bytes = _layer_bytes(base)
+    largest = max(layer_bytes.values(), default=0)
+    hidden = int(base.config.get("hidden_size", 0) or 0)
+    n_params = sum(int(base.info(k).nbytes) // max(base.dtype(k).itemsize, 1) for k in base.keys())
+    needs_calib = config.method != "random"
+    tokens = calibration["tokens_estimate"] if calibration else 0
+    act_bytes = 4 if config.calib_dtype == "float32" else 2
+    # Streamed calibration keeps every sequence's hidden state at one layer boundary, in and out.
+    activations = 2 * tokens * hidden * act_bytes if needs_calib else 0
+    if config.method in ("snip", "pref_snip"):
+        passes = 3.0  # forward + backward (about twice a forward)
+    elif config.sequential and needs_calib:
+        passes = 2.0  # the layer again with its projected / masked factors
+    else:
+        passes = 1.0 if needs_calib else 0.0
+    flops = 2.0 * n_params * tokens * passes
+    dev = "cuda" if device.startswith("cuda") else "cpu"
+    adapter_bytes = int(finetuned.nbytes)
+    return {
+        "paths": paths,
+        "config": config.to_dict(),
+        "device": device,
+        "reference": "given" if reference_given else f"amplified aligned adapter ({config.preset} preset)",
+        "modules": modules,
+        "counts": {"modules": len(modules), "layers": len(layer_bytes), "base_tensors": len(base.keys())},
+        "calibration": calibration,
+        "estimate": {
+            "peak_memory_bytes": int(largest + 3 * adapter_bytes + activations),
+            "largest_layer_bytes": int(largest),
+            "activation_bytes": int(activations),
+            "base_read_bytes": int(base.nbytes) if needs_calib else 0,
+            "calibration_flops": flops,
+            "seconds": round(flops / _FLOPS[dev] + adapter_bytes * 6 / 1e9, 1),
+        },
+    }
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    """The plan as text for stdout."""
+    cfg = plan["config"]
+    lines = [f"dry run: nothing written; would write {plan['paths'].get('out')}",
+             f"preset {cfg['preset']}, method {cfg['method']}, sparsity {cfg['sparsity']}, "
+             f"selection {cfg['selection']}, device {plan['device']}",
+             f"reference: {plan['reference']}",
+             f"{plan['counts']['modules']} modules matched over {plan['counts']['layers']} layers:"]
+    shown = plan["modules"] if len(plan["modules"]) <= 16 else plan["modules"][:8] + [None] + plan["modules"][-7:]
+    for m in shown:
+        if m is None:
+            lines.append("  ...")
+            continue
+        lines.append(f"  {m['name']:<50} layer {m['layer']:>3}  r={m['rank']:<4} A {tuple(m['shape_a'])} "
+                     f"B {tuple(m['shape_b'])}")
+    cal = plan.get("calibration")
+    if cal:
+        lines.append(f"calibration: {cal['samples_used']} of {cal['records']} samples from {cal['path']} "
+                     f"(~{cal['tokens_estimate']} tokens)")
+    else:
+        lines.append("calibration: none (method random)")
+    est = plan["estimate"]
+    lines.append(f"estimate: peak memory ~{_human(est['peak_memory_bytes'])} (largest layer "
+                 f"{_human(est['largest_layer_bytes'])}, activations {_human(est['activation_bytes'])}), "
+                 f"reads ~{_human(est['base_read_bytes'])} of base, ~{est['seconds']:.0f} s (rough)")
+    return "\n".join(lines)

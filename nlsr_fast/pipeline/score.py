@@ -1,0 +1,239 @@
+"""Stage 2: safety-critical neurons, one mask per LoRA factor of the reference (SPEC §3).
+
+`masks_from_statistics` turns calibration statistics into masks (pure, no model); `score` runs the calibration
+engine the method needs and then calls it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from nlsr_fast.config import METHODS, PRESETS, Preset
+from nlsr_fast.ops import PackedMask, keep_count_for_sparsity, matrix_topk_mask, row_topk_mask
+from nlsr_fast.pipeline._types import Factors, Masks
+
+__all__ = ["STATISTICS_METHODS", "GRADIENT_METHODS", "masks_from_statistics", "score", "sequential_transform"]
+
+log = logging.getLogger(__name__)
+
+#: Methods scored from forward statistics (Grams, squared inputs) and from gradients.
+STATISTICS_METHODS = ("low_rank", "wanda")
+GRADIENT_METHODS = ("snip", "pref_snip")
+
+
+def _preset(preset: Preset | str) -> Preset:
+    if isinstance(preset, Preset):
+        return preset
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[preset]
+
+
+def _low_rank_count(n: int, sparsity: float, preset: Preset) -> int:
+    # official: the code keeps |W~| strictly above the floor(s n)-th smallest value, one entry fewer.
+    return max(0, keep_count_for_sparsity(n, sparsity) - preset.low_rank_count_offset)
+
+
+def _low_rank_masks(
+    a: torch.Tensor, b: torch.Tensor, gram: torch.Tensor, sparsity: float, preset: Preset, backend: str | None
+) -> tuple[PackedMask, PackedMask]:
+    from nlsr_fast.calib.lowrank import low_rank_masks
+
+    score_a, score_b = low_rank_masks(a, b, gram.to(a.device), sparsity)
+    keep = 1.0 - sparsity
+    mask_a = matrix_topk_mask(score_a, keep, k=_low_rank_count(score_a.numel(), sparsity, preset), backend=backend)
+    mask_b = matrix_topk_mask(score_b, keep, k=_low_rank_count(score_b.numel(), sparsity, preset), backend=backend)
+    return mask_a, mask_b
+
+
+def _wanda_masks(
+    a: torch.Tensor, b: torch.Tensor, stats: Any, sparsity: float, backend: str | None
+) -> tuple[PackedMask, PackedMask]:
+    n = max(int(stats.n_samples), 1)
+    scale_a = (stats.x_sq.double() / n).sqrt().to(device=a.device, dtype=torch.float32)
+    scale_b = (stats.z_sq.double() / n).sqrt().to(device=b.device, dtype=torch.float32)
+    keep = 1.0 - sparsity
+    return (
+        row_topk_mask(a, keep, col_scale=scale_a, backend=backend),
+        row_topk_mask(b, keep, col_scale=scale_b, backend=backend),
+    )
+
+
+def _random_masks(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], sparsity: float, seed: int,
+                  backend: str | None) -> Masks:
+    # row_topk_mask ranks |score|; the |.| of i.i.d. standard normals is i.i.d. too, so each row keeps a uniformly
+    # random subset of the right size, exactly as ranking the normals themselves would.
+    gen = torch.Generator("cpu").manual_seed(int(seed))
+    keep = 1.0 - sparsity
+    out: Masks = {}
+    for name, (a, b) in factors.items():
+        draws = [torch.randn(tuple(x.shape), generator=gen, dtype=torch.float32).to(x.device) for x in (a, b)]
+        out[name] = (row_topk_mask(draws[0], keep, backend=backend), row_topk_mask(draws[1], keep, backend=backend))
+    return out
+
+
+def masks_from_statistics(
+    method: str,
+    ref_factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    sparsity: float,
+    preset: Preset | str = "paper",
+    stats: Mapping[str, Any] | None = None,
+    grads: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    seed: int = 42,
+    backend: str | None = None,
+) -> Masks:
+    """Masks of every module from its calibration statistics.
+
+    Args:
+        method: one of METHODS.
+        ref_factors: {module: (A_e (r, d_in), B_e (d_out, r))} of the reference, in model order.
+        sparsity: s in [0, 1]; each mask keeps the top 1 - s share (per matrix for low_rank, per row otherwise).
+        preset: Preset or name (low_rank count offset).
+        stats: {module: ModuleStats(gram (r, r), x_sq (d_in,), z_sq (r,), n_tokens, n_samples)} for low_rank / wanda.
+        grads: {module: (sum|dL/dA| (r, d_in), sum|dL/dB| (d_out, r))} for snip / pref_snip.
+        seed: seed of the `random` scores (drawn per module in model order, A then B).
+        backend: ops backend; None picks the fastest available.
+    Returns:
+        {module: (mask_A, mask_B)} in ref_factors' order.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    preset = _preset(preset)
+    if method == "random":
+        return _random_masks(ref_factors, sparsity, seed, backend)
+    source: Mapping[str, Any] | None = stats if method in STATISTICS_METHODS else grads
+    if source is None:
+        need = "stats" if method in STATISTICS_METHODS else "grads"
+        raise ValueError(f"method {method!r} needs calibration {need}")
+    missing = [name for name in ref_factors if name not in source]
+    if missing:
+        raise ValueError(f"method {method!r}: no calibration statistics for modules {missing[:5]}")
+    keep = 1.0 - sparsity
+    out: Masks = {}
+    for name, (a, b) in ref_factors.items():
+        if method == "low_rank":
+            out[name] = _low_rank_masks(a, b, source[name].gram, sparsity, preset, backend)
+        elif method == "wanda":
+            out[name] = _wanda_masks(a, b, source[name], sparsity, backend)
+        else:
+            g_a, g_b = source[name]
+            out[name] = (
+                row_topk_mask(a, keep, grad=g_a.to(device=a.device, dtype=torch.float32), backend=backend),
+                row_topk_mask(b, keep, grad=g_b.to(device=b.device, dtype=torch.float32), backend=backend),
+            )
+    return out
+
+
+def sequential_transform(
+    method: str,
+    ref_factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    sparsity: float,
+    preset: Preset | str = "paper",
+    backend: str | None = None,
+    cache: dict[str, tuple[PackedMask, PackedMask]] | None = None,
+) -> Callable[[int, Mapping[str, Any]], Factors]:
+    """The engine's `transform` for sequential calibration: the factors that recompute a layer's outputs.
+
+    low_rank: the projected factors (W~_A, W~_B) of calib.lowrank.project_factors; wanda: the masked factors
+    (M_A*A_e, M_B*B_e), whose masks are stored in `cache` so they are not computed twice.
+    """
+    if method not in STATISTICS_METHODS:
+        raise ValueError(f"sequential calibration applies to {list(STATISTICS_METHODS)}, got {method!r}")
+    preset = _preset(preset)
+
+    def transform(layer: int, layer_stats: Mapping[str, Any]) -> Factors:
+        out: Factors = {}
+        for name, st in layer_stats.items():
+            a, b = ref_factors[name]
+            if method == "low_rank":
+                from nlsr_fast.calib.lowrank import project_factors
+
+                out[name] = project_factors(a, b, st.gram.to(a.device), sparsity)
+            else:
+                mask_a, mask_b = _wanda_masks(a, b, st, sparsity, backend)
+                if cache is not None:
+                    cache[name] = (mask_a, mask_b)
+                out[name] = (a * mask_a.to_bool().to(a.device), b * mask_b.to_bool().to(b.device))
+        log.debug("sequential transform of layer %d: %d modules", layer, len(out))
+        return out
+
+    return transform
+
+
+def score(
+    method: str,
+    ref_factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    sparsity: float,
+    preset: Preset | str = "paper",
+    seed: int = 42,
+    base: Any = None,
+    calib: Any = None,
+    scales: Mapping[str, float] | None = None,
+    sequential: bool = True,
+    micro_batch: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    backend: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Masks:
+    """Masks of the reference adapter for `method`, running the calibration it needs.
+
+    Args:
+        method: one of METHODS.
+        ref_factors: {module: (A_e, B_e)} in model order.
+        sparsity: s; masks keep the top 1 - s.
+        preset: Preset or name.
+        seed: seed of `random`.
+        base: io.CheckpointReader of the base checkpoint (all methods but random).
+        calib: calib.data.CalibrationSet (all methods but random; pairs for pref_snip).
+        scales: {module: LoRA scale s} of the reference adapter (default 1.0).
+        sequential: recompute each layer with its projected (low_rank) / masked (wanda) factors.
+        micro_batch, dtype, device: calibration forward settings (None = engine defaults).
+        backend: ops backend.
+        progress: optional callback(done_layers, total) passed to the engine.
+    Returns:
+        {module: (mask_A, mask_B)}.
+    """
+    preset = _preset(preset)
+    if method == "random":
+        return masks_from_statistics(method, ref_factors, sparsity=sparsity, preset=preset, seed=seed, backend=backend)
+    if base is None or calib is None:
+        raise ValueError(f"method {method!r} needs the base checkpoint and calibration data")
+    from nlsr_fast.calib import engine
+
+    scales = scales or {}
+    factors = {name: (a, b, float(scales.get(name, 1.0))) for name, (a, b) in ref_factors.items()}
+    engine_kw: dict[str, Any] = {"micro_batch": micro_batch, "dtype": dtype, "progress": progress}
+    if device is not None:
+        engine_kw["device"] = device
+    if method in STATISTICS_METHODS:
+        cache: dict[str, tuple[PackedMask, PackedMask]] = {}
+        transform = (
+            sequential_transform(method, ref_factors, sparsity=sparsity, preset=preset, backend=backend, cache=cache)
+            if sequential
+            else None
+        )
+        stats = engine.collect_lora_statistics(
+            base, factors, calib, sequential=sequential, transform=transform, **engine_kw
+        )
+        masks = masks_from_statistics(
+            method,
+            {k: v for k, v in ref_factors.items() if k not in cache},
+            sparsity=sparsity,
+            preset=preset,
+            stats=stats,
+            backend=backend,
+        )
+        return {name: cache[name] if name in cache else masks[name] for name in ref_factors}
+    loss = "nll" if method == "snip" else "dpo"
+    grads = engine.lora_gradient_scores(
+        base, factors, calib, loss=loss, accumulate=preset.snip_accumulate, **engine_kw
+    )
+    return masks_from_statistics(method, ref_factors, sparsity=sparsity, preset=preset, grads=grads, backend=backend)

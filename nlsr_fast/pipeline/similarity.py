@@ -1,0 +1,59 @@
+"""Stage 3a: per-module similarity of the fine-tuned and reference adapters under the reference masks (SPEC §4)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping
+
+import torch
+
+from nlsr_fast.ops import PackedMask, lora_masked_cosine
+
+__all__ = ["similarity"]
+
+log = logging.getLogger(__name__)
+
+
+def similarity(
+    ft_factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    ref_factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    masks: Mapping[str, tuple[PackedMask, PackedMask]],
+    *,
+    backend: str | None = None,
+) -> dict[str, float]:
+    """S_m = cos((M_B*B_t)(M_A*A_t), (M_B*B_e)(M_A*A_e)) for every module, through r x r Grams.
+
+    Args:
+        ft_factors: {module: (A_t (r, d_in), B_t (d_out, r))}, in model order.
+        ref_factors: {module: (A_e, B_e)}, same shapes (any float dtypes).
+        masks: {module: (mask_A (r, d_in), mask_B (d_out, r))} from the reference.
+        backend: ops backend; None picks the fastest available.
+    Returns:
+        {module: S_m} as Python floats in ft_factors' order; a zero-norm module gives 0.0 with a warning naming it.
+    """
+    out: dict[str, float] = {}
+    for name, (a_t, b_t) in ft_factors.items():
+        if name not in ref_factors or name not in masks:
+            raise ValueError(f"module {name!r} of the fine-tuned adapter has no reference factors or masks")
+        a_e, b_e = ref_factors[name]
+        mask_a, mask_b = masks[name]
+        device = a_t.device
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # fp32 for every factor: exact for bf16/fp16 inputs, and kernels see one dtype.
+            out[name] = lora_masked_cosine(
+                a_t.float(),
+                b_t.float(),
+                a_e.to(device).float(),
+                b_e.to(device).float(),
+                mask_a.to(device),
+                mask_b.to(device),
+                name=name,
+                backend=backend,
+            )
+        for w in caught:
+            # Re-issue as a logged warning too: the CLI shows logs, not Python warnings.
+            log.warning("%s", w.message)
+            warnings.warn(str(w.message), RuntimeWarning, stacklevel=2)
+    return out
