@@ -1,0 +1,33 @@
+# Short targets (Liger-style). PYTHON defaults to the active environment's interpreter.
+PYTHON ?= python
+
+.PHONY: build test test-interp test-gpu bench bench-smoke checkstyle clean
+
+build:
+	$(PYTHON) -m pip install -e .
+
+test:
+	$(PYTHON) -m pytest -q
+
+# The Triton backend on CPU through the interpreter (small shapes). Exit code 5 = no triton backend registered.
+test-interp:
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q tests/ops -k triton; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "no triton tests collected"; exit 0; fi; exit $$rc
+
+test-gpu:
+	$(PYTHON) -m pytest -q -m gpu tests
+
+bench:
+	$(PYTHON) -m pytest benches --benchmark-only --benchmark-autosave
+
+bench-smoke:
+	$(PYTHON) -m pytest benches --benchmark-disable -q
+
+checkstyle:
+	@if command -v pre-commit >/dev/null 2>&1; then pre-commit run -a; \
+	else $(PYTHON) -m ruff check . && echo "(pre-commit not installed: ran ruff check only)"; fi
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache .benchmarks
+	find . -path ./.venv -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+	find nlsr_fast -name '_C*.so' -delete

@@ -1,0 +1,227 @@
+"""Benchmark cases: inputs for each op at a shape, a bytes/flops model, and a correctness check against the
+reference (a fast wrong answer is not a result).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from nlsr_fast import ops
+from nlsr_fast.ops.masked_delta_cosine import cosine_from_sums
+from nlsr_fast.ops.packed_mask import PackedMask
+from nlsr_fast.ops.row_topk_mask import row_scores_reference
+
+__all__ = [
+    "MASK_OPS",
+    "STREAMING_OPS",
+    "TORCH_DENSE",
+    "Case",
+    "check",
+    "lora_cosine_torch_dense",
+    "make_case",
+]
+
+LOG = logging.getLogger(__name__)
+
+STREAMING_OPS = ("masked_delta_cosine", "masked_restore", "extrapolate")
+MASK_OPS = ("row_topk_mask", "matrix_topk_mask")
+# The baseline provider of lora_masked_cosine: both dense d_out x d_in products formed with torch.
+TORCH_DENSE = "torch dense"
+
+KEEP = 0.2  # the paper's s = 0.8
+MASK_DENSITY = 0.2
+
+
+@dataclass
+class Case:
+    """One op at one shape and dtype: `run(backend)` calls the public op, `bytes` is the minimal traffic."""
+
+    op: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    fn: Callable[[str], Any]
+    bytes: int
+    flops: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def run(self, backend: str) -> Any:
+        return self.fn(backend)
+
+
+def _mask_bytes(shape: tuple[int, ...]) -> int:
+    rows, cols = (1, shape[0]) if len(shape) == 1 else shape
+    return rows * ((cols + 7) // 8)
+
+
+def _random_mask(shape: tuple[int, ...], device: torch.device, gen: torch.Generator) -> PackedMask:
+    return PackedMask.from_bool(torch.rand(shape, device=device, generator=gen) < MASK_DENSITY)
+
+
+def lora_cosine_torch_dense(
+    a_t: torch.Tensor,
+    b_t: torch.Tensor,
+    a_e: torch.Tensor,
+    b_e: torch.Tensor,
+    mask_a: PackedMask,
+    mask_b: PackedMask,
+) -> float:
+    """The baseline: form (M_B*B)(M_A*A) for both adapters with torch (factor dtype), cosine summed in fp32."""
+    ma, mb = mask_a.to_bool(), mask_b.to_bool()
+    wt = (b_t * mb) @ (a_t * ma)
+    we = (b_e * mb) @ (a_e * ma)
+    dot = torch.sum(wt * we, dtype=torch.float32)
+    nt = torch.sum(wt * wt, dtype=torch.float32)
+    ne = torch.sum(we * we, dtype=torch.float32)
+    return cosine_from_sums(float(dot), float(nt), float(ne), "torch dense")
+
+
+def make_case(op: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, seed: int = 0) -> Case:
+    """Inputs for `op`: shape (d_out, d_in) for every op but lora_masked_cosine, which takes (r, d_out, d_in)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    es = torch.empty((), dtype=dtype).element_size()
+
+    def randn(*s: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(s, device=device, generator=gen) * scale).to(dtype)
+
+    if op == "lora_masked_cosine":
+        if len(shape) != 3:
+            raise ValueError(f"lora_masked_cosine takes a shape (r, d_out, d_in), got {shape}")
+        r, d_out, d_in = shape
+        a_t, b_t = randn(r, d_in, scale=0.01), randn(d_out, r, scale=0.01)
+        a_e = (a_t.float() + torch.randn(r, d_in, device=device, generator=gen) * 0.01).to(dtype)
+        b_e = (b_t.float() + torch.randn(d_out, r, device=device, generator=gen) * 0.01).to(dtype)
+        ma = _random_mask((r, d_in), device, gen)
+        mb = _random_mask((d_out, r), device, gen)
+        factors = (a_t, b_t, a_e, b_e, ma, mb)
+
+        def lora(backend: str) -> float:
+            if backend == TORCH_DENSE:
+                return lora_cosine_torch_dense(*factors)
+            return ops.lora_masked_cosine(*factors, backend=backend)
+
+        nbytes = 2 * es * r * (d_in + d_out) + _mask_bytes((r, d_in)) + _mask_bytes((d_out, r))
+        # Grams: three r x r products over d_in and three over d_out (2 flops per multiply-add).
+        flops = 2 * 3 * r * r * (d_in + d_out)
+        return Case(op, shape, dtype, lora, nbytes, flops, {"dense_flops": 2 * 2 * d_out * r * d_in})
+
+    if len(shape) not in (1, 2):
+        raise ValueError(f"{op} takes a shape (d_out, d_in) or (n,), got {shape}")
+    n = 1
+    for s in shape:
+        n *= s
+    if op == "row_topk_mask":
+        if len(shape) != 2:
+            raise ValueError(f"row_topk_mask takes a shape (d_out, d_in), got {shape}")
+        w = randn(*shape)
+        col_scale = torch.rand(shape[1], device=device, generator=gen)
+        return Case(
+            op,
+            shape,
+            dtype,
+            lambda b: ops.row_topk_mask(w, KEEP, col_scale=col_scale, backend=b),
+            n * es + 4 * shape[1] + _mask_bytes(shape),
+            extra={"inputs": (w, col_scale)},
+        )
+    if op == "matrix_topk_mask":
+        x = randn(*shape)
+        return Case(
+            op,
+            shape,
+            dtype,
+            lambda b: ops.matrix_topk_mask(x, KEEP, backend=b),
+            n * es + _mask_bytes(shape),
+            extra={"inputs": (x,)},
+        )
+    if op == "masked_delta_cosine":
+        base = randn(*shape, scale=0.02)
+        t = (base.float() + torch.randn(shape, device=device, generator=gen) * 1e-3).to(dtype)
+        e = (base.float() + torch.randn(shape, device=device, generator=gen) * 1e-3).to(dtype)
+        mask = _random_mask(shape, device, gen)
+        return Case(
+            op,
+            shape,
+            dtype,
+            lambda b: ops.masked_delta_cosine(t, e, mask, base=base, backend=b),
+            3 * n * es + _mask_bytes(shape),
+            flops=8 * n,
+        )
+    if op == "masked_restore":
+        target, source = randn(*shape), randn(*shape)
+        mask = _random_mask(shape, device, gen)
+        return Case(
+            op,
+            shape,
+            dtype,
+            lambda b: ops.masked_restore(target, source, mask, backend=b),
+            3 * n * es + _mask_bytes(shape),
+        )
+    if op == "extrapolate":
+        aligned, base = randn(*shape), randn(*shape)
+        return Case(
+            op,
+            shape,
+            dtype,
+            lambda b: ops.extrapolate(aligned, base, 0.9, backend=b),
+            3 * n * es,
+            flops=3 * n,
+        )
+    raise ValueError(f"unknown op {op!r}; choose from {list(ops.OPS)}")
+
+
+def _check_topk(case: Case, got: PackedMask, ref: PackedMask) -> str | None:
+    """A valid top-k: the reference's count (per row or in all), and no kept score below a dropped one
+    (beyond a few fp32 ulps of round-off); any tie-break among equal scores is accepted.
+    """
+    if not isinstance(got, PackedMask) or tuple(got.shape) != tuple(ref.shape):
+        return f"expected a PackedMask of shape {tuple(ref.shape)}, got {got!r}"
+    if not torch.equal(got.bits, PackedMask.from_bool(got.to_bool()).bits):
+        return "padding bits past the last column are set"
+    if case.op == "row_topk_mask":
+        w, col_scale = case.extra["inputs"]
+        scores = row_scores_reference(w, col_scale, None)
+        if not torch.equal(got.row_counts(), ref.row_counts()):
+            return "per-row counts differ from the reference"
+    else:
+        (x,) = case.extra["inputs"]
+        scores = x.float().abs().reshape(1, -1)
+        if got.count() != ref.count():
+            return f"keeps {got.count()} entries, the reference {ref.count()}"
+    keep = got.to_bool().reshape(scores.shape)
+    inf = torch.tensor(float("inf"), device=scores.device)
+    lowest_kept = torch.where(keep, scores, inf).amin(dim=1)
+    highest_dropped = torch.where(keep, -inf, scores).amax(dim=1)
+    slack = 4 * torch.finfo(torch.float32).eps * highest_dropped.abs()
+    bad = (lowest_kept < highest_dropped - slack).nonzero().flatten()
+    if bad.numel():
+        i = int(bad[0])
+        return (
+            f"{bad.numel()} rows keep a score below a dropped one; row {i}: kept {float(lowest_kept[i])!r} "
+            f"< dropped {float(highest_dropped[i])!r}"
+        )
+    return None
+
+
+def check(case: Case, got: Any, ref: Any, *, backend: str = "") -> str | None:
+    """None when `got` (from `backend`) agrees with the reference result `ref`, else what is wrong."""
+    if case.op in MASK_OPS:
+        return _check_topk(case, got, ref)
+    if case.op in ("masked_delta_cosine", "lora_masked_cosine"):
+        tol = 5e-2 if backend == TORCH_DENSE else 1e-4
+        if not isinstance(got, float) or not abs(got - ref) <= tol:
+            return f"cosine {got!r} vs reference {ref!r} (tolerance {tol})"
+        return None
+    if got.shape != ref.shape or got.dtype != ref.dtype:
+        return f"{got.dtype} {tuple(got.shape)} vs reference {ref.dtype} {tuple(ref.shape)}"
+    if case.op == "masked_restore":
+        view = {2: torch.int16, 4: torch.int32}[got.element_size()]
+        n_bad = int((got.view(view) != ref.view(view)).sum())
+        return f"{n_bad} elements differ bitwise" if n_bad else None
+    atol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}[got.dtype]
+    bad = ~((got.float() - ref.float()).abs() <= atol + atol * ref.float().abs())
+    n_bad = int(bad.sum())
+    return f"{n_bad} elements outside atol = rtol = {atol}" if n_bad else None
