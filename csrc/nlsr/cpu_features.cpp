@@ -9,7 +9,9 @@ static Isa detect() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
   Isa isa = Isa::kPortable;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) isa = Isa::kAvx2;
+  // F16C (fp16 <-> fp32 in hardware) ships with every AVX2 CPU, but the fp16 paths need it, so check.
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    isa = Isa::kAvx2;
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
     isa = Isa::kAvx512;
 #else

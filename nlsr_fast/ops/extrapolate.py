@@ -21,7 +21,36 @@ def extrapolate_reference(aligned: torch.Tensor, base: torch.Tensor, alpha: floa
 
 # --- cpu backend (C++ core) ---
 
+
+@register(OP, Backend.CPU)
+def _extrapolate_cpu(aligned: torch.Tensor, base: torch.Tensor, alpha: float, out: torch.Tensor) -> torch.Tensor:
+    from nlsr_fast.ops._cpu import contiguous_out, dtype_code
+    from nlsr_fast.ops._registry import require_cpp
+
+    C = require_cpp()
+    a = aligned.contiguous()
+    b = base.contiguous()
+    dst = contiguous_out(out)
+    C.extrapolate(
+        dst.data_ptr(), dtype_code(dst), a.data_ptr(), dtype_code(a), b.data_ptr(), dtype_code(b), a.numel(), alpha
+    )
+    if dst is not out:
+        out.copy_(dst)
+    return out
+
+
 # --- triton backend ---
+
+
+@register(OP, Backend.TRITON)
+def _extrapolate_triton(aligned: torch.Tensor, base: torch.Tensor, alpha: float, out: torch.Tensor) -> torch.Tensor:
+    from nlsr_fast.kernels.extrapolate import extrapolate_triton  # lazy: triton is optional
+
+    dst = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+    extrapolate_triton(aligned.contiguous(), base.contiguous(), alpha, dst)
+    if dst is not out:
+        out.copy_(dst)
+    return out
 
 
 def extrapolate(

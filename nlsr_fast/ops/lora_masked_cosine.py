@@ -37,7 +37,56 @@ def lora_masked_cosine_reference(
 
 # --- cpu backend (C++ core) ---
 
+
+@register(OP, Backend.CPU)
+def _lora_masked_cosine_cpu(
+    a_t: torch.Tensor,
+    b_t: torch.Tensor,
+    a_e: torch.Tensor,
+    b_e: torch.Tensor,
+    mask_a: PackedMask,
+    mask_b: PackedMask,
+) -> tuple[float, float, float]:
+    from nlsr_fast.ops._cpu import dtype_code
+    from nlsr_fast.ops._registry import require_cpp
+
+    C = require_cpp()
+    a_t, b_t, a_e, b_e = (x.contiguous() for x in (a_t, b_t, a_e, b_e))
+    r, d_in = a_t.shape
+    return C.lora_masked_cosine(
+        a_t.data_ptr(),
+        dtype_code(a_t),
+        a_e.data_ptr(),
+        dtype_code(a_e),
+        b_t.data_ptr(),
+        dtype_code(b_t),
+        b_e.data_ptr(),
+        dtype_code(b_e),
+        mask_a.bits.data_ptr(),
+        mask_b.bits.data_ptr(),
+        r,
+        d_in,
+        b_t.shape[0],
+    )
+
+
 # --- triton backend ---
+
+
+@register(OP, Backend.TRITON)
+def _lora_masked_cosine_triton(
+    a_t: torch.Tensor,
+    b_t: torch.Tensor,
+    a_e: torch.Tensor,
+    b_e: torch.Tensor,
+    mask_a: PackedMask,
+    mask_b: PackedMask,
+) -> tuple[float, float, float]:
+    from nlsr_fast.kernels.lora_masked_cosine import lora_masked_cosine_triton  # lazy: triton is optional
+
+    return lora_masked_cosine_triton(
+        a_t.contiguous(), b_t.contiguous(), a_e.contiguous(), b_e.contiguous(), mask_a.bits, mask_b.bits
+    )
 
 
 def lora_masked_cosine(

@@ -45,7 +45,36 @@ def masked_delta_cosine_reference(
 
 # --- cpu backend (C++ core) ---
 
+
+@register(OP, Backend.CPU)
+def _masked_delta_cosine_cpu(
+    t: torch.Tensor, e: torch.Tensor, mask: PackedMask, base: torch.Tensor | None
+) -> tuple[float, float, float]:
+    from nlsr_fast.ops._cpu import dtype_code, mask_dims
+    from nlsr_fast.ops._registry import require_cpp
+
+    C = require_cpp()
+    t = t.contiguous()
+    e = e.contiguous()
+    b = None if base is None else base.contiguous()
+    b_ptr, b_code = (0, 0) if b is None else (b.data_ptr(), dtype_code(b))
+    return C.masked_delta_cosine(
+        t.data_ptr(), dtype_code(t), e.data_ptr(), dtype_code(e), b_ptr, b_code, mask.bits.data_ptr(), *mask_dims(mask)
+    )
+
+
 # --- triton backend ---
+
+
+@register(OP, Backend.TRITON)
+def _masked_delta_cosine_triton(
+    t: torch.Tensor, e: torch.Tensor, mask: PackedMask, base: torch.Tensor | None
+) -> tuple[float, float, float]:
+    from nlsr_fast.kernels.masked_delta_cosine import masked_delta_cosine_triton  # lazy: triton is optional
+
+    return masked_delta_cosine_triton(
+        t.contiguous(), e.contiguous(), mask.bits, None if base is None else base.contiguous()
+    )
 
 
 def masked_delta_cosine(

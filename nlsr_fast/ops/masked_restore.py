@@ -22,7 +22,40 @@ def masked_restore_reference(
 
 # --- cpu backend (C++ core) ---
 
+
+@register(OP, Backend.CPU)
+def _masked_restore_cpu(
+    target: torch.Tensor, source: torch.Tensor, mask: PackedMask, out: torch.Tensor
+) -> torch.Tensor:
+    from nlsr_fast.ops._cpu import contiguous_out, dtype_code, mask_dims
+    from nlsr_fast.ops._registry import require_cpp
+
+    C = require_cpp()
+    t = target.contiguous()
+    s = source.contiguous()
+    dst = contiguous_out(out)
+    C.masked_restore(
+        dst.data_ptr(), t.data_ptr(), dtype_code(t), s.data_ptr(), dtype_code(s), mask.bits.data_ptr(), *mask_dims(mask)
+    )
+    if dst is not out:
+        out.copy_(dst)
+    return out
+
+
 # --- triton backend ---
+
+
+@register(OP, Backend.TRITON)
+def _masked_restore_triton(
+    target: torch.Tensor, source: torch.Tensor, mask: PackedMask, out: torch.Tensor
+) -> torch.Tensor:
+    from nlsr_fast.kernels.masked_restore import masked_restore_triton  # lazy: triton is optional
+
+    dst = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+    masked_restore_triton(target.contiguous(), source.contiguous(), mask.bits, dst)
+    if dst is not out:
+        out.copy_(dst)
+    return out
 
 
 def masked_restore(

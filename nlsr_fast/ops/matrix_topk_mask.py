@@ -24,7 +24,29 @@ def matrix_topk_mask_reference(x: torch.Tensor, k: int) -> PackedMask:
 
 # --- cpu backend (C++ core) ---
 
+
+@register(OP, Backend.CPU)
+def _matrix_topk_mask_cpu(x: torch.Tensor, k: int) -> PackedMask:
+    from nlsr_fast.ops._cpu import dtype_code
+    from nlsr_fast.ops._registry import require_cpp
+
+    C = require_cpp()
+    x = x.contiguous()
+    mask = PackedMask.empty(tuple(x.shape), device=x.device)
+    C.matrix_topk_mask(mask.bits.data_ptr(), x.data_ptr(), dtype_code(x), mask.rows, mask.cols, k)
+    return mask
+
+
 # --- triton backend ---
+
+
+@register(OP, Backend.TRITON)
+def _matrix_topk_mask_triton(x: torch.Tensor, k: int) -> PackedMask:
+    from nlsr_fast.kernels.matrix_topk_mask import matrix_topk_mask_triton  # lazy: triton is optional
+
+    mask = PackedMask.empty(tuple(x.shape), device=x.device)
+    matrix_topk_mask_triton(x.contiguous(), k, mask.bits)
+    return mask
 
 
 def matrix_topk_mask(

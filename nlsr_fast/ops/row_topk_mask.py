@@ -38,7 +38,52 @@ def row_topk_mask_reference(
 
 # --- cpu backend (C++ core) ---
 
+
+@register(OP, Backend.CPU)
+def _row_topk_mask_cpu(
+    weight: torch.Tensor, k: int, col_scale: torch.Tensor | None, grad: torch.Tensor | None
+) -> PackedMask:
+    from nlsr_fast.ops._cpu import dtype_code
+    from nlsr_fast.ops._registry import require_cpp
+
+    C = require_cpp()
+    w = weight.contiguous()
+    # The kernel reads col_scale as fp32 (exact for fp16/bf16), the dtype the score is computed in.
+    cs = None if col_scale is None else col_scale.float().contiguous()
+    g = None if grad is None else grad.contiguous()
+    mask = PackedMask.empty(tuple(w.shape), device=w.device)
+    C.row_topk_mask(
+        mask.bits.data_ptr(),
+        w.data_ptr(),
+        dtype_code(w),
+        0 if cs is None else cs.data_ptr(),
+        0 if g is None else g.data_ptr(),
+        0 if g is None else dtype_code(g),
+        mask.rows,
+        mask.cols,
+        k,
+    )
+    return mask
+
+
 # --- triton backend ---
+
+
+@register(OP, Backend.TRITON)
+def _row_topk_mask_triton(
+    weight: torch.Tensor, k: int, col_scale: torch.Tensor | None, grad: torch.Tensor | None
+) -> PackedMask:
+    from nlsr_fast.kernels.row_topk_mask import row_topk_mask_triton  # lazy: triton is optional
+
+    mask = PackedMask.empty(tuple(weight.shape), device=weight.device)
+    row_topk_mask_triton(
+        weight.contiguous(),
+        k,
+        None if col_scale is None else col_scale.contiguous(),
+        None if grad is None else grad.contiguous(),
+        mask.bits,
+    )
+    return mask
 
 
 def row_topk_mask(

@@ -1,0 +1,60 @@
+"""Type stub of nlsr_fast._C, the torch-free C++ core (csrc/bindings.cpp).
+
+Tensors travel as integer addresses (`tensor.data_ptr()`) of contiguous buffers with a dtype code each
+(0 float32, 1 float16, 2 bfloat16; nlsr_fast/ops/_cpu.py). Outputs come first, then inputs, then sizes. Every call
+releases the GIL. Shapes and dtypes are validated by the public functions in nlsr_fast.ops, not here.
+"""
+
+def isa() -> str:
+    """The SIMD path picked at run time: "avx512", "avx2" or "portable" (capped by NLSR_FAST_ISA)."""
+
+def num_threads() -> int:
+    """OpenMP threads the kernels use."""
+
+def extrapolate(
+    out: int, out_dtype: int, aligned: int, aligned_dtype: int, base: int, base_dtype: int, n: int, alpha: float
+) -> None:
+    """out = fp32(1 + alpha) * aligned - fp32(alpha) * base over n elements, fp32 math, one cast."""
+
+def masked_restore(
+    out: int, target: int, target_dtype: int, source: int, source_dtype: int, mask: int, rows: int, cols: int
+) -> None:
+    """out = where(mask, source cast to target's dtype, target); out has target's dtype; bit-exact."""
+
+def masked_delta_cosine(
+    t: int, t_dtype: int, e: int, e_dtype: int, base: int, base_dtype: int, mask: int, rows: int, cols: int
+) -> tuple[float, float, float]:
+    """(sum m*a*b, sum m*a^2, sum m*b^2), a = t - base, b = e - base; base = 0 means no base."""
+
+def lora_masked_cosine(
+    a_t: int,
+    a_t_dtype: int,
+    a_e: int,
+    a_e_dtype: int,
+    b_t: int,
+    b_t_dtype: int,
+    b_e: int,
+    b_e_dtype: int,
+    mask_a: int,
+    mask_b: int,
+    r: int,
+    d_in: int,
+    d_out: int,
+) -> tuple[float, float, float]:
+    """(<W_t, W_e>_F, |W_t|_F^2, |W_e|_F^2) of W_x = (M_B*B_x)(M_A*A_x), through r x r Grams."""
+
+def row_topk_mask(
+    bits: int,
+    weight: int,
+    weight_dtype: int,
+    col_scale: int,
+    grad: int,
+    grad_dtype: int,
+    rows: int,
+    cols: int,
+    k: int,
+) -> None:
+    """PackedMask bits of the k highest (|W| * col_scale[j]) * grad[i, j] of each row; col_scale fp32; 0 = absent."""
+
+def matrix_topk_mask(bits: int, x: int, x_dtype: int, rows: int, cols: int, k: int) -> None:
+    """PackedMask bits of the k largest |x| of the whole matrix (ties: lowest flat index first)."""
