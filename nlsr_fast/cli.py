@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import subprocess
 import sys
@@ -125,7 +126,8 @@ def _realign(args: argparse.Namespace) -> int:
 
 def _demo(argv: Sequence[str]) -> int:
     try:
-        import nlsr_fast.demo as demo
+        # import_module reads sys.modules (not the package attribute), so an absent demo is reported cleanly.
+        demo = importlib.import_module("nlsr_fast.demo")
     except ImportError as exc:
         print(f"nlsr-fast demo: not available ({exc})", file=sys.stderr)
         return 2
