@@ -64,5 +64,5 @@ def changed_entries(old: torch.Tensor, new: torch.Tensor) -> int:
                          f"{new.shape} {new.dtype}")
     if old.dtype.is_floating_point:
         int_dtype = {2: torch.int16, 4: torch.int32, 8: torch.int64}[old.element_size()]
-        return int((old.contiguous().view(int_dtype) != new.contiguous().view(int_dtype)).sum())
-    return int((old != new).sum())
+        return int(torch.count_nonzero(old.contiguous().view(int_dtype) != new.contiguous().view(int_dtype)))
+    return int(torch.count_nonzero(old != new))

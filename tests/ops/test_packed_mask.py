@@ -186,7 +186,6 @@ def test_load_missing_file(tmp_path):
         load_masks(tmp_path / "nope.safetensors")
 
 
-@pytest.mark.xfail(strict=True, reason="load_masks lets safetensors' own error through without the path")
 def test_load_garbage_file_names_the_path(tmp_path):
     path = tmp_path / "garbage.safetensors"
     path.write_bytes(b"this is not a safetensors file")
