@@ -106,13 +106,13 @@ def _providers(op: str, device: torch.device) -> list[str]:
 
 def _bench_case(case: Case, cfg: OpsConfig, copy_gbps: float) -> list[Row]:
     shape, dtype = _shape_str(case.shape), DTYPE_NAMES.get(case.dtype, str(case.dtype))
-    ref = case.run("reference")
+    ref = case.run_fresh("reference")
     rows: list[Row] = []
     for provider in _providers(case.op, cfg.device):
         LOG.info("%s %s %s: %s", case.op, shape, dtype, provider)
         # Verify once before timing: a fast wrong answer is not a result.
         try:
-            problem = check(case, case.run(provider), ref, backend=provider)
+            problem = check(case, case.run_fresh(provider), ref, backend=provider)
         except Exception as exc:  # a crashing backend is reported in its row, the others still run
             problem = f"{type(exc).__name__}: {exc}"
         if problem is not None:
