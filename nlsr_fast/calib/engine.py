@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nlsr_fast.calib.data import CalibrationSet, Sample
+from nlsr_fast.calib.data import CalibrationSet, PairSample, Sample
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -497,6 +497,7 @@ def lora_gradient_scores(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
     progress: Callable[[int, int], None] | None = None,
+    max_activation_bytes: int | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Σ_n |∂L_n/∂A| (r, d_in) and Σ_n |∂L_n/∂B| (d_out, r), float32, per module of the reference adapter.
 
@@ -512,6 +513,11 @@ def lora_gradient_scores(
     and output gradients g_t of each adapted linear: ∂L/∂B = s·Σ_t g_t z_tᵀ, ∂L/∂A = s·Σ_t (Bᵀg_t) x_tᵀ, summed per
     sequence with einsum (sequences never interact and padded positions get zero gradient), so a micro-batch may
     hold many samples; a pair's two sequences always share a micro-batch.
+
+    The stored layer inputs take (L+1) x tokens x hidden elements. When that exceeds `max_activation_bytes`
+    (default: a quarter of physical memory), the samples are processed in consecutive chunks that fit, each with its
+    own forward and backward stream (the base is read twice per chunk); the sums are exact either way, and the
+    running sum of preset official is carried from one chunk to the next.
     """
     if loss not in ("nll", "dpo"):
         raise ValueError(f"loss must be 'nll' or 'dpo', got {loss!r}")
@@ -524,6 +530,58 @@ def lora_gradient_scores(
     device = torch.device(device)
     reader = _open_reader(base)
     model = _Model(reader, dtype, device)
+    chunks = _activation_chunks(calib, model, max_activation_bytes)
+    if len(chunks) > 1:
+        logger.info("gradient scores: %d samples in %d chunks to keep stored activations under the budget",
+                    len(calib.samples), len(chunks))
+    carry: dict[str, list[torch.Tensor]] = {}
+    total: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for lo, hi in chunks:
+        part = CalibrationSet(samples=calib.samples[lo:hi], meta=calib.meta)  # type: ignore[arg-type]
+        got = _gradient_scores_pass(model, factors, part, loss=loss, beta=beta, accumulate=accumulate,
+                                    micro_batch=micro_batch, device=device, progress=progress, carry=carry)
+        for n, (ga, gb) in got.items():
+            total[n] = (ga, gb) if n not in total else (total[n][0] + ga, total[n][1] + gb)
+    return total
+
+
+def _activation_chunks(calib: CalibrationSet, model: _Model, budget: int | None) -> list[tuple[int, int]]:
+    """Consecutive [lo, hi) sample ranges whose stored layer inputs, (L+1) x tokens x hidden, fit in `budget` bytes."""
+    if budget is None:
+        try:
+            budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+        except (ValueError, OSError, AttributeError):
+            budget = 8 << 30
+    hidden = int(model.config.hidden_size)
+    per_token = (model.n_layers + 1) * hidden * torch.empty((), dtype=model.dtype).element_size()
+    chunks: list[tuple[int, int]] = []
+    lo, used = 0, 0
+    for i, s in enumerate(calib.samples):
+        seqs: list[Sample] = [s.chosen, s.rejected] if isinstance(s, PairSample) else [s]
+        # x2 for dpo: the reference-free stream pi_0 keeps its own hidden states alongside.
+        cost = sum(q.n_tokens for q in seqs) * per_token * (2 if isinstance(s, PairSample) else 1)
+        if i > lo and used + cost > budget:
+            chunks.append((lo, i))
+            lo, used = i, 0
+        used += cost
+    chunks.append((lo, len(calib.samples)))
+    return chunks
+
+
+def _gradient_scores_pass(
+    model: _Model,
+    factors: Factors,
+    calib: CalibrationSet,
+    *,
+    loss: str,
+    beta: float,
+    accumulate: str,
+    micro_batch: int | None,
+    device: torch.device,
+    progress: Callable[[int, int], None] | None,
+    carry: dict[str, list[torch.Tensor]],
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """One forward + backward stream over `calib` (see lora_gradient_scores); `carry` holds the running sums."""
     by_layer = _modules_by_layer(model, factors)
     seqs = calib.sequences()
     per_item = 2 if loss == "dpo" else 1
@@ -587,7 +645,7 @@ def lora_gradient_scores(
         mods = _wrap(layer, idx, factors, names, ctx, None)
         acc = {n: [torch.zeros(factors[n][0].shape, device=device), torch.zeros(factors[n][1].shape, device=device)]
                for n in names}
-        running = {n: [torch.zeros_like(a[0]), torch.zeros_like(a[1])] for n, a in acc.items()}
+        running = {n: carry.setdefault(n, [torch.zeros_like(a[0]), torch.zeros_like(a[1])]) for n, a in acc.items()}
         for bi, batch in enumerate(batches):
             x = acts[idx][bi].to(device).requires_grad_(True)
             with torch.enable_grad():
