@@ -124,7 +124,7 @@ def make_lora_adapter(
     model = AutoModelForCausalLM.from_pretrained(os.fspath(base), dtype=torch.float32)
     cfg = LoraConfig(
         r=r,
-        lora_alpha=alpha,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # PEFT accepts a float alpha
         target_modules=list(targets),
         lora_dropout=0.0,
         use_rslora=use_rslora,

@@ -557,7 +557,7 @@ def _activation_chunks(calib: CalibrationSet, model: _Model, budget: int | None)
     chunks: list[tuple[int, int]] = []
     lo, used = 0, 0
     for i, s in enumerate(calib.samples):
-        seqs: list[Sample] = [s.chosen, s.rejected] if isinstance(s, PairSample) else [s]
+        seqs: list[Sample] = [s.chosen, s.rejected] if isinstance(s, PairSample) else [s]  # type: ignore[list-item]
         # x2 for dpo: the reference-free stream pi_0 keeps its own hidden states alongside.
         cost = sum(q.n_tokens for q in seqs) * per_token * (2 if isinstance(s, PairSample) else 1)
         if i > lo and used + cost > budget:

@@ -125,7 +125,7 @@ def _evaluate(name: str, base: Path, adapter: Path | None, tok: Any, splits: Any
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter)
+        model = PeftModel.from_pretrained(model, adapter)  # type: ignore[assignment]
     path = gen_dir / f"{name}.jsonl"
     s = generate_items(model, tok, splits.harmful_eval, splits.task_eval, path)
     logger.info("%s: harmful score %.3f, task accuracy %.3f", name, s["harmful_score"], s["task_accuracy"])

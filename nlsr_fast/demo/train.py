@@ -94,7 +94,7 @@ def lora_config(r: int = 8, alpha: float = 16.0) -> Any:
     """The demo's LoRA configuration: rank `r` on the seven projections, no dropout."""
     from peft import LoraConfig
 
-    return LoraConfig(r=r, lora_alpha=alpha, target_modules=list(LORA_TARGETS), lora_dropout=0.0,
+    return LoraConfig(r=r, lora_alpha=alpha, target_modules=list(LORA_TARGETS), lora_dropout=0.0,  # type: ignore[arg-type]
                       task_type="CAUSAL_LM")
 
 
@@ -296,7 +296,7 @@ def build_world(workdir: Path, splits: Any, *, harmful_share: float, seed: int, 
                         steps=schedule.finetune_steps, lr=schedule.finetune_lr, batch_size=schedule.batch_size,
                         seed=seed + 4, pad_id=pad, warmup=10, name="finetune",
                         stop=attack_done if harmful_share > 0 else None)
-    peft_model.save_pretrained(paths.finetuned, safe_serialization=True)
+    peft_model.save_pretrained(str(paths.finetuned), safe_serialization=True)
     info["finetuned"] = {"seconds": time.perf_counter() - t0, "final_loss": losses[-1], "steps": len(losses),
                          "attack_goal_met_at": goal_at[0] if goal_at else None}
 

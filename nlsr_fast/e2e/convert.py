@@ -40,9 +40,9 @@ def convert_gguf(gguf_path: str | os.PathLike[str], out: str | os.PathLike[str],
     # The loaded model is flagged as GGUF-quantised (which blocks saving) although its weights are plain tensors.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model, "is_quantized"):
-        model.is_quantized = False
+        model.is_quantized = False  # type: ignore[assignment]
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
