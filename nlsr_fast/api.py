@@ -176,16 +176,6 @@ def _resolve_device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _check_out(out: Path, inputs: list[Path], overwrite: bool) -> None:
-    out_r = out.resolve()
-    for p in inputs:
-        p_r = p.resolve()
-        if out_r == p_r or p_r in out_r.parents or out_r in p_r.parents:
-            raise ValueError(f"output folder {out} overlaps the input {p}; choose a folder outside every input")
-    if out.exists() and not overwrite:
-        raise ValueError(f"output folder {out} already exists; pass overwrite=True (--overwrite) to replace it")
-
-
 def _load_factors(adapter: Any, names: list[str], device: torch.device,
                   dtype: torch.dtype | None = None) -> Factors:
     out: Factors = {}
@@ -217,7 +207,14 @@ def realign_with_config(
     overwrite: bool = False,
 ) -> Report:
     """`realign` with a ready RealignConfig (what the CLI calls)."""
-    from nlsr_fast.io import CheckpointReader, LoraAdapter, atomic_output, check_adapter_matches_base, check_compatible
+    from nlsr_fast.io import (
+        CheckpointReader,
+        LoraAdapter,
+        atomic_output,
+        check_adapter_matches_base,
+        check_compatible,
+        check_output,
+    )
     from nlsr_fast.io import write_adapter as write_adapter_files
 
     t_start = time.perf_counter()
@@ -246,7 +243,7 @@ def realign_with_config(
     if calib_p is not None and not calib_p.is_file():
         raise ValueError(f"calibration file {calib_p} does not exist")
     inputs = [p for p in (base_p, aligned_p, ft_p, ref_p, calib_p) if p is not None]
-    _check_out(out_p, inputs, overwrite)
+    check_output(out_p, inputs=inputs, overwrite=overwrite)  # atomic_output repeats it; this one fails before any work
     paths = {"base": str(base_p), "aligned": str(aligned_p), "finetuned": str(ft_p),
              "reference": str(ref_p) if ref_p else None, "calibration": str(calib_p) if calib_p else None,
              "out": str(out_p)}

@@ -12,7 +12,7 @@ from nlsr_fast.io.adapter import (
 )
 from nlsr_fast.io.checkpoint import CheckpointReader
 from nlsr_fast.io.hashing import file_record, sha256_file
-from nlsr_fast.io.output import ShardWriter, atomic_output, fsync_tree
+from nlsr_fast.io.output import ShardWriter, atomic_output, check_output, fsync_tree
 
 __all__ = [
     "CheckpointReader",
@@ -21,6 +21,7 @@ __all__ = [
     "ShardWriter",
     "TensorInfo",
     "atomic_output",
+    "check_output",
     "check_adapter_matches_base",
     "check_compatible",
     "file_record",

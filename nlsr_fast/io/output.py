@@ -16,7 +16,7 @@ import torch
 from nlsr_fast.io._format import write_safetensors
 from nlsr_fast.io.checkpoint import SAFE_INDEX, SAFE_SINGLE
 
-__all__ = ["atomic_output", "ShardWriter", "fsync_tree"]
+__all__ = ["atomic_output", "check_output", "ShardWriter", "fsync_tree"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,20 @@ def _check_disjoint(target: Path, inputs: list[Path], what: str) -> None:
             raise ValueError(f"{what} {target} contains the input {inp}; refusing to replace a folder holding an input")
 
 
+def check_output(
+    out: str | os.PathLike[str], *, inputs: Iterable[str | os.PathLike[str]], overwrite: bool = False
+) -> None:
+    """The checks `atomic_output` runs before writing, for callers that validate before any work: `out` (and its
+    `.partial` / `.replaced` siblings) may not equal, lie inside, or contain an input, nor exist unless `overwrite`."""
+    out = Path(out)
+    input_paths = [Path(p) for p in inputs]
+    for target, what in ((out, "output"), (Path(f"{out}.partial"), "temporary output"),
+                         (Path(f"{out}.replaced"), "temporary output")):
+        _check_disjoint(target, input_paths, what)
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise ValueError(f"output {out} already exists; pass overwrite=True to replace it")
+
+
 @contextmanager
 def atomic_output(
     out: str | os.PathLike[str], *, inputs: Iterable[str | os.PathLike[str]], overwrite: bool = False
@@ -86,11 +100,7 @@ def atomic_output(
     out = Path(out)
     partial = Path(f"{out}.partial")
     old = Path(f"{out}.replaced")
-    input_paths = [Path(p) for p in inputs]
-    for target, what in ((out, "output"), (partial, "temporary output"), (old, "temporary output")):
-        _check_disjoint(target, input_paths, what)
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise ValueError(f"output {out} already exists; pass overwrite=True to replace it")
+    check_output(out, inputs=inputs, overwrite=overwrite)
     if partial.exists() or partial.is_symlink():
         log.warning("removing stale partial output %s left by an earlier run", partial)
         _remove(partial)
