@@ -15,6 +15,7 @@ __all__ = [
     "TEMPLATES",
     "Preset",
     "RealignConfig",
+    "resolve_preset",
 ]
 
 METHODS = ("low_rank", "wanda", "snip", "pref_snip", "random")
@@ -88,6 +89,15 @@ PRESETS: dict[str, Preset] = {
         response_tokens="drop_first",
     ),
 }
+
+
+def resolve_preset(preset: Preset | str) -> Preset:
+    """A Preset given as itself or by its name in PRESETS."""
+    if isinstance(preset, Preset):
+        return preset
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[preset]
 
 
 def _check_range(name: str, value: Any, lo: float, hi: float) -> None:

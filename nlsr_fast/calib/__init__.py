@@ -14,7 +14,13 @@ from nlsr_fast.calib.engine import (
     collect_lora_statistics,
     lora_gradient_scores,
 )
-from nlsr_fast.calib.lowrank import low_rank_masks, low_rank_topk_masks, project_factors, projection_rank
+from nlsr_fast.calib.lowrank import (
+    low_rank_masks,
+    low_rank_topk_masks,
+    project_and_mask,
+    project_factors,
+    projection_rank,
+)
 
 __all__ = [
     "ALPACA_TEMPLATE",
@@ -29,6 +35,7 @@ __all__ = [
     "lora_gradient_scores",
     "low_rank_masks",
     "low_rank_topk_masks",
+    "project_and_mask",
     "project_factors",
     "projection_rank",
 ]

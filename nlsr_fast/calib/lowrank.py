@@ -14,7 +14,7 @@ import torch
 from nlsr_fast.ops import keep_count_for_sparsity, matrix_topk_mask
 from nlsr_fast.ops.packed_mask import PackedMask
 
-__all__ = ["projection_rank", "project_factors", "low_rank_masks", "low_rank_topk_masks"]
+__all__ = ["projection_rank", "project_factors", "low_rank_masks", "low_rank_topk_masks", "project_and_mask"]
 
 
 def projection_rank(n: int, sparsity: float) -> int:
@@ -47,6 +47,18 @@ def _subspaces(B: torch.Tensor, G: torch.Tensor, k: int) -> tuple[torch.Tensor, 
     return v_k, u_k
 
 
+def _projections(
+    A: torch.Tensor, B: torch.Tensor, G: torch.Tensor, sparsity: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W̃_A, W̃_B) in float64."""
+    r = _check(A, B, G)
+    k = projection_rank(r, sparsity)
+    v_k, u_k = _subspaces(B, G, k)
+    wa = v_k @ (v_k.T @ A.to(torch.float64))
+    wb = u_k @ (u_k.T @ B.to(torch.float64))
+    return wa, wb
+
+
 def project_factors(
     A: torch.Tensor, B: torch.Tensor, G: torch.Tensor, sparsity: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,32 +66,28 @@ def project_factors(
 
     A: (r, d_in), B: (d_out, r), G: (r, r) Gram of z_t = A x_t over response tokens; k = ⌊s·r⌋.
     """
-    r = _check(A, B, G)
-    k = projection_rank(r, sparsity)
-    v_k, u_k = _subspaces(B, G, k)
-    a = A.to(torch.float64)
-    b = B.to(torch.float64)
-    wa = v_k @ (v_k.T @ a)
-    wb = u_k @ (u_k.T @ b)
+    wa, wb = _projections(A, B, G, sparsity)
     return wa.to(A.dtype), wb.to(B.dtype)
 
 
 def low_rank_masks(
-    A: torch.Tensor, B: torch.Tensor, G: torch.Tensor, sparsity: float, count_offset: int = 0
+    A: torch.Tensor, B: torch.Tensor, G: torch.Tensor, sparsity: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The low_rank scores (|W̃_A| (r, d_in), |W̃_B| (d_out, r)) in float32; the caller masks them with
-    `matrix_topk_mask` (whole matrix, keep n - ⌊s·n⌋ + count_offset entries; `low_rank_topk_masks` does both).
-
-    `count_offset` does not change the scores; it is accepted so that one call signature serves both presets
-    (`official` uses -1). Computed in float64 and rounded to float32 at the end.
-    """
-    del count_offset
-    r = _check(A, B, G)
-    k = projection_rank(r, sparsity)
-    v_k, u_k = _subspaces(B, G, k)
-    wa = v_k @ (v_k.T @ A.to(torch.float64))
-    wb = u_k @ (u_k.T @ B.to(torch.float64))
+    `matrix_topk_mask` over the whole matrix (`low_rank_topk_masks` does both). Computed in float64, rounded once."""
+    wa, wb = _projections(A, B, G, sparsity)
     return wa.abs().to(torch.float32), wb.abs().to(torch.float32)
+
+
+def _topk_masks(
+    score_a: torch.Tensor, score_b: torch.Tensor, sparsity: float, count_offset: int, backend: str | None
+) -> tuple[PackedMask, PackedMask]:
+    masks = []
+    for score in (score_a, score_b):
+        n = score.numel()
+        k = min(max(keep_count_for_sparsity(n, sparsity) + count_offset, 0), n)
+        masks.append(matrix_topk_mask(score, 1.0 - sparsity, k=k, backend=backend))
+    return masks[0], masks[1]
 
 
 def low_rank_topk_masks(
@@ -92,11 +100,18 @@ def low_rank_topk_masks(
 ) -> tuple[PackedMask, PackedMask]:
     """(M_A, M_B): each keeps the n - ⌊s·n⌋ + count_offset largest entries of its low_rank score over the whole
     matrix (`count_offset=-1` is preset `official`)."""
-    score_a, score_b = low_rank_masks(A, B, G, sparsity)
-    masks = []
-    for score in (score_a, score_b):
-        n = score.numel()
-        k = min(max(keep_count_for_sparsity(n, sparsity) + count_offset, 0), n)
-        masks.append(matrix_topk_mask(score, 1.0 - sparsity, k=k, backend=backend))
-    return masks[0], masks[1]
+    return _topk_masks(*low_rank_masks(A, B, G, sparsity), sparsity, count_offset, backend)
 
+
+def project_and_mask(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    G: torch.Tensor,
+    sparsity: float,
+    count_offset: int = 0,
+    backend: str | None = None,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[PackedMask, PackedMask]]:
+    """`project_factors` and `low_rank_topk_masks` from one eigen-decomposition (what sequential calibration needs)."""
+    wa, wb = _projections(A, B, G, sparsity)
+    masks = _topk_masks(wa.abs().to(torch.float32), wb.abs().to(torch.float32), sparsity, count_offset, backend)
+    return (wa.to(A.dtype), wb.to(B.dtype)), masks

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
-from nlsr_fast.config import PRESETS, Preset
+from nlsr_fast.config import Preset, resolve_preset
 from nlsr_fast.pipeline._types import Factors
 
 __all__ = ["amplify"]
@@ -31,10 +31,7 @@ def amplify(
         New {module: (A_e, B_e)} in fp32 (fp32 math; the inputs are not modified), same order as the input.
         A factor of exactly 1.0 returns fp32 copies of the inputs.
     """
-    if isinstance(preset, str):
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-        preset = PRESETS[preset]
+    preset = resolve_preset(preset)
     if not alpha >= 0.0:
         raise ValueError(f"alpha must be >= 0, got {alpha!r}")
     c = preset.amplification_factor(float(alpha))

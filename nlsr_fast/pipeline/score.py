@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from nlsr_fast.config import METHODS, PRESETS, Preset
-from nlsr_fast.ops import PackedMask, keep_count_for_sparsity, matrix_topk_mask, row_topk_mask
+from nlsr_fast.config import METHODS, Preset, resolve_preset
+from nlsr_fast.ops import PackedMask, row_topk_mask
 from nlsr_fast.pipeline._types import Factors, Masks
 
 __all__ = ["STATISTICS_METHODS", "GRADIENT_METHODS", "masks_from_statistics", "score", "sequential_transform"]
@@ -25,29 +25,14 @@ STATISTICS_METHODS = ("low_rank", "wanda")
 GRADIENT_METHODS = ("snip", "pref_snip")
 
 
-def _preset(preset: Preset | str) -> Preset:
-    if isinstance(preset, Preset):
-        return preset
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[preset]
-
-
-def _low_rank_count(n: int, sparsity: float, preset: Preset) -> int:
-    # official: the code keeps |W~| strictly above the floor(s n)-th smallest value, one entry fewer.
-    return max(0, keep_count_for_sparsity(n, sparsity) - preset.low_rank_count_offset)
-
-
 def _low_rank_masks(
     a: torch.Tensor, b: torch.Tensor, gram: torch.Tensor, sparsity: float, preset: Preset, backend: str | None
 ) -> tuple[PackedMask, PackedMask]:
-    from nlsr_fast.calib.lowrank import low_rank_masks
+    from nlsr_fast.calib.lowrank import low_rank_topk_masks
 
-    score_a, score_b = low_rank_masks(a, b, gram.to(a.device), sparsity)
-    keep = 1.0 - sparsity
-    mask_a = matrix_topk_mask(score_a, keep, k=_low_rank_count(score_a.numel(), sparsity, preset), backend=backend)
-    mask_b = matrix_topk_mask(score_b, keep, k=_low_rank_count(score_b.numel(), sparsity, preset), backend=backend)
-    return mask_a, mask_b
+    # official: the code keeps |W~| strictly above the floor(s n)-th smallest value, one entry fewer.
+    return low_rank_topk_masks(a, b, gram.to(a.device), sparsity, count_offset=-preset.low_rank_count_offset,
+                               backend=backend)
 
 
 def _wanda_masks(
@@ -103,7 +88,7 @@ def masks_from_statistics(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-    preset = _preset(preset)
+    preset = resolve_preset(preset)
     if method == "random":
         return _random_masks(ref_factors, sparsity, seed, backend)
     source: Mapping[str, Any] | None = stats if method in STATISTICS_METHODS else grads
@@ -141,25 +126,27 @@ def sequential_transform(
     """The engine's `transform` for sequential calibration: the factors that recompute a layer's outputs.
 
     low_rank: the projected factors (W~_A, W~_B) of calib.lowrank.project_factors; wanda: the masked factors
-    (M_A*A_e, M_B*B_e), whose masks are stored in `cache` so they are not computed twice.
+    (M_A*A_e, M_B*B_e). The masks of both are stored in `cache` so they are not computed twice.
     """
     if method not in STATISTICS_METHODS:
         raise ValueError(f"sequential calibration applies to {list(STATISTICS_METHODS)}, got {method!r}")
-    preset = _preset(preset)
+    preset = resolve_preset(preset)
 
     def transform(layer: int, layer_stats: Mapping[str, Any]) -> Factors:
         out: Factors = {}
         for name, st in layer_stats.items():
             a, b = ref_factors[name]
             if method == "low_rank":
-                from nlsr_fast.calib.lowrank import project_factors
+                from nlsr_fast.calib.lowrank import project_and_mask
 
-                out[name] = project_factors(a, b, st.gram.to(a.device), sparsity)
+                # One eigen-decomposition gives both the projected factors and the final masks.
+                out[name], masks = project_and_mask(a, b, st.gram.to(a.device), sparsity,
+                                                    count_offset=-preset.low_rank_count_offset, backend=backend)
             else:
-                mask_a, mask_b = _wanda_masks(a, b, st, sparsity, backend)
-                if cache is not None:
-                    cache[name] = (mask_a, mask_b)
-                out[name] = (a * mask_a.to_bool().to(a.device), b * mask_b.to_bool().to(b.device))
+                masks = _wanda_masks(a, b, st, sparsity, backend)
+                out[name] = (a * masks[0].to_bool().to(a.device), b * masks[1].to_bool().to(b.device))
+            if cache is not None:
+                cache[name] = masks
         log.debug("sequential transform of layer %d: %d modules", layer, len(out))
         return out
 
@@ -201,7 +188,7 @@ def score(
     Returns:
         {module: (mask_A, mask_B)}.
     """
-    preset = _preset(preset)
+    preset = resolve_preset(preset)
     if method == "random":
         return masks_from_statistics(method, ref_factors, sparsity=sparsity, preset=preset, seed=seed, backend=backend)
     if base is None or calib is None:

@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import torch
 
-from nlsr_fast.config import PRESETS, SELECTIONS, Preset
+from nlsr_fast.config import SELECTIONS, Preset, resolve_preset
 
 __all__ = ["Selection", "adaptive_probabilities", "rank_positions", "select"]
 
@@ -87,10 +87,7 @@ def select(
     Returns:
         Selection(probabilities, draws, restored), lists in model order.
     """
-    if isinstance(preset, str):
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-        preset = PRESETS[preset]
+    preset = resolve_preset(preset)
     sims = [float(s) for s in similarities]
     if any(math.isnan(s) for s in sims):
         raise ValueError(f"similarities contain NaN at module indices {[i for i, s in enumerate(sims) if s != s]}")
