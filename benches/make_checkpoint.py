@@ -284,7 +284,7 @@ def make_checkpoints(out: str | os.PathLike[str], shape: Shape, *, kinds: Sequen
     if not kinds:
         raise ValueError(f"no kind to write; choose among {KINDS}")
     folders = {k: out / k for k in kinds}
-    for k, f in folders.items():
+    for f in folders.values():
         if f.exists() and not overwrite:
             raise FileExistsError(f"{f} exists (pass --overwrite to replace it)")
     specs = tensor_specs(shape)
@@ -295,9 +295,9 @@ def make_checkpoints(out: str | os.PathLike[str], shape: Shape, *, kinds: Sequen
     free = _free_bytes(out)
     if need + HEADROOM > free:
         raise OSError(
-            f"not enough free disk under {out}: {len(kinds)} checkpoint(s) x {per_ckpt / GB:.2f} GB = {need / GB:.2f} GB "
-            f"(+ {HEADROOM / GB:.0f} GB headroom) needed, {free / GB:.2f} GB free; use fewer --layers, a smaller "
-            f"--vocab, fewer --kinds or another --out")
+            f"not enough free disk under {out}: {len(kinds)} checkpoint(s) x {per_ckpt / GB:.2f} GB = "
+            f"{need / GB:.2f} GB (+ {HEADROOM / GB:.0f} GB headroom) needed, {free / GB:.2f} GB free; use fewer "
+            f"--layers, a smaller --vocab, fewer --kinds or another --out")
     if verbose:
         print(f"make_checkpoint: {len(kinds)} x {per_ckpt / GB:.2f} GB ({len(shards)} shard(s) each, "
               f"{shape.layers} layers, vocab {shape.vocab}, {dtype}{', sparse' if sparse else ''}) -> {out}; "
