@@ -12,10 +12,14 @@ from nlsr_fast.io.adapter import (
 )
 from nlsr_fast.io.checkpoint import CheckpointReader
 from nlsr_fast.io.hashing import file_record, sha256_file
+from nlsr_fast.io.lock import OutputLock, lock_holder
+from nlsr_fast.io.manifest import MANIFEST_FILE, check_manifest, is_output, write_manifest
 from nlsr_fast.io.output import ShardWriter, atomic_output, check_output, fsync_tree
 
 __all__ = [
     "CheckpointReader",
+    "MANIFEST_FILE",
+    "OutputLock",
     "LoraAdapter",
     "LoraModule",
     "ShardWriter",
@@ -24,11 +28,15 @@ __all__ = [
     "check_output",
     "check_adapter_matches_base",
     "check_compatible",
+    "check_manifest",
     "file_record",
     "fsync_tree",
     "get_pattern_key",
+    "is_output",
+    "lock_holder",
     "read_header",
     "sha256_file",
     "write_adapter",
+    "write_manifest",
     "write_safetensors",
 ]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,8 @@ from safetensors.torch import load_file
 
 import nlsr_fast.io.output as output_mod
 from nlsr_fast.io import CheckpointReader, ShardWriter, atomic_output, file_record, sha256_file
+from nlsr_fast.io.manifest import check_manifest
+from nlsr_fast.io.output import check_output
 
 
 @pytest.fixture
@@ -100,36 +104,182 @@ def test_atomic_output_refuses_through_symlink(tmp_path: Path, inp: Path) -> Non
     assert not (inp / "out.partial").exists()
 
 
+def _manifest_files(folder: Path) -> dict[str, bytes]:
+    snap = _snapshot(folder)
+    assert "manifest.json" in snap, f"{folder} has no manifest"
+    del snap["manifest.json"]
+    return snap
+
+
 def test_atomic_output_overwrite(tmp_path: Path, inp: Path) -> None:
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    with atomic_output(out, inputs=[inp]) as partial:
+        (partial / "old.txt").write_text("old")
     with pytest.raises(ValueError, match="already exists; pass overwrite=True"):
         with atomic_output(out, inputs=[inp]):
             pytest.fail("body must not run")
-    assert (out / "old.txt").read_text() == "old" and not Path(f"{out}.partial").exists()
+    assert _manifest_files(out) == {"old.txt": b"old"} and not Path(f"{out}.partial").exists()
     # A failed overwrite keeps the old output.
     with pytest.raises(RuntimeError):
         with atomic_output(out, inputs=[inp], overwrite=True) as partial:
             (partial / "new.txt").write_text("new")
             raise RuntimeError("dies")
-    assert _snapshot(out) == {"old.txt": b"old"}
+    assert _manifest_files(out) == {"old.txt": b"old"}
     with atomic_output(out, inputs=[inp], overwrite=True) as partial:
         (partial / "new.txt").write_text("new")
         assert (out / "old.txt").exists()
-    assert _snapshot(out) == {"new.txt": b"new"}
+    assert _manifest_files(out) == {"new.txt": b"new"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["input", "out"]
+    assert check_manifest(out) == []
 
 
-def test_atomic_output_removes_stale_partial(tmp_path: Path, inp: Path) -> None:
+def test_overwrite_refuses_a_folder_that_is_not_an_output(tmp_path: Path, inp: Path) -> None:
+    """issue 8: --overwrite deleted whatever folder OUT named, with no check that it is a previous output."""
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"precious")
+    for target in (out, tmp_path / "notes.txt"):
+        if target.name == "notes.txt":
+            target.write_text("mine")
+        before = _snapshot(tmp_path)
+        with pytest.raises(ValueError, match=r"not an nlsr_fast output.*force=True \(--force\)") as e:
+            with atomic_output(target, inputs=[inp], overwrite=True):
+                pytest.fail("body must not run")
+        assert str(target) in str(e.value)
+        with pytest.raises(ValueError, match="not an nlsr_fast output"):
+            check_output(target, inputs=[inp], overwrite=True)
+        assert _snapshot(tmp_path) == before
+    # A manifest that is not nlsr_fast's does not count either.
+    (out / "manifest.json").write_text(json.dumps({"format": "something-else", "files": []}))
+    with pytest.raises(ValueError, match="not an nlsr_fast output"):
+        check_output(out, inputs=[inp], overwrite=True)
+    # force replaces it.
+    with atomic_output(out, inputs=[inp], overwrite=True, force=True) as partial:
+        (partial / "adapter").write_text("new")
+    assert _manifest_files(out) == {"adapter": b"new"}
+
+
+def test_existing_partial_is_not_deleted_without_overwrite(tmp_path: Path, inp: Path) -> None:
+    """issue 8: an existing OUT.partial was deleted even without --overwrite."""
     out = tmp_path / "out"
     stale = Path(f"{out}.partial")
     stale.mkdir()
     (stale / "model-00001-of-00002.safetensors").write_bytes(b"stale")
-    with atomic_output(out, inputs=[inp]) as partial:
+    with pytest.raises(ValueError, match="out.partial exists") as e:
+        with atomic_output(out, inputs=[inp]):
+            pytest.fail("body must not run")
+    assert str(stale) in str(e.value) and "overwrite" in str(e.value)
+    with pytest.raises(ValueError, match="out.partial exists"):
+        check_output(out, inputs=[inp])
+    assert _snapshot(stale) == {"model-00001-of-00002.safetensors": b"stale"}
+    # overwrite replaces it.
+    with atomic_output(out, inputs=[inp], overwrite=True) as partial:
         assert partial == stale and not any(partial.iterdir())
         (partial / "fresh").write_text("1")
-    assert _snapshot(out) == {"fresh": b"1"}
+    assert _manifest_files(out) == {"fresh": b"1"}
+
+
+def test_partial_of_a_live_run_is_never_deleted(tmp_path: Path, inp: Path) -> None:
+    """issue 8: the second run deleted the first one's live out.partial as "stale"."""
+    out = tmp_path / "out"
+    code = (
+        "import sys, time\n"
+        "from nlsr_fast.io.output import atomic_output\n"
+        f"with atomic_output({str(out)!r}, inputs=[{str(inp)!r}]) as p:\n"
+        "    (p / 'live').write_text('x')\n"
+        "    print('ready', flush=True)\n"
+        "    sys.stdin.readline()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        for overwrite in (False, True):
+            with pytest.raises(ValueError, match=rf"locked by pid {proc.pid} on host .* since .*out\.lock") as e:
+                with atomic_output(out, inputs=[inp], overwrite=overwrite, force=True):
+                    pytest.fail("body must not run")
+            assert "--wait" in str(e.value)
+            with pytest.raises(ValueError, match="locked by"):
+                check_output(out, inputs=[inp], overwrite=overwrite)
+            assert (Path(f"{out}.partial") / "live").read_text() == "x"
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.write("\n")
+        proc.stdin.close()
+        assert proc.wait() == 0
+    assert _manifest_files(out) == {"live": b"x"}
+    assert not Path(f"{out}.lock").exists()
+
+
+def test_replaced_leftover_that_is_not_an_output_is_kept(tmp_path: Path, inp: Path) -> None:
+    out = tmp_path / "out"
+    old = Path(f"{out}.replaced")
+    old.mkdir()
+    (old / "data").write_text("mine")
+    with pytest.raises(ValueError, match="out.replaced exists and is not an nlsr_fast output"):
+        with atomic_output(out, inputs=[inp]):
+            pytest.fail("body must not run")
+    assert _snapshot(old) == {"data": b"mine"}
+
+
+def test_unwritable_parent_is_found_up_front(tmp_path: Path, inp: Path) -> None:
+    """issue 8: an unwritable OUT parent was found only after the whole computation."""
+    if os.geteuid() == 0:
+        # root may write anywhere: simulate the refusal the kernel would give a normal user.
+        real_access = os.access
+
+        def access(path: object, mode: int, **kw: object) -> bool:
+            if Path(str(path)) == tmp_path / "ro":
+                return False
+            return real_access(path, mode, **kw)  # type: ignore[arg-type]
+
+        patch = pytest.MonkeyPatch()
+        patch.setattr(output_mod.os, "access", access)
+    else:
+        patch = None
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        for out in (ro / "out", ro / "deeper" / "out"):
+            with pytest.raises(ValueError, match=rf"folder {ro} is not writable") as e:
+                check_output(out, inputs=[inp])
+            assert str(out) in str(e.value)
+        with pytest.raises(ValueError, match="is not a folder"):
+            check_output(inp / "weights.bin" / "out", inputs=[])
+    finally:
+        ro.chmod(0o755)
+        if patch is not None:
+            patch.undo()
+
+
+def test_manifest_is_written_last_and_checked(tmp_path: Path, inp: Path) -> None:
+    out = tmp_path / "out"
+    with atomic_output(out, inputs=[inp]) as partial:
+        (partial / "b.bin").write_bytes(b"\x00" * 10)
+        (partial / "sub").mkdir()
+        (partial / "sub" / "a.txt").write_text("a")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format"] == "nlsr_fast-output/1" and manifest["nlsr_fast"]
+    assert [f["path"] for f in manifest["files"]] == ["b.bin", "sub/a.txt"]
+    assert manifest["files"][0] == {"path": "b.bin", "size": 10, "sha256": hashlib.sha256(b"\x00" * 10).hexdigest()}
+    assert (out / "manifest.json").read_text() == json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+    assert check_manifest(out) == []
+    (out / "b.bin").write_bytes(b"\x01" * 10)
+    (out / "sub" / "a.txt").write_text("longer")
+    (out / "extra").write_text("e")
+    problems = check_manifest(out)
+    assert any("b.bin: sha256" in p for p in problems)
+    assert any("a.txt: size 6 bytes, the manifest says 1" in p for p in problems)
+    assert any("extra: not listed" in p for p in problems)
+    (out / "sub" / "a.txt").unlink()
+    assert any("a.txt: listed in the manifest but missing" in p for p in check_manifest(out))
+    # Paths that would escape the folder are reported, never read.
+    manifest["files"].append({"path": "../input/weights.bin", "size": 10, "sha256": "0"})
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert any("bad path '../input/weights.bin'" in p for p in check_manifest(out))
+    (out / "manifest.json").unlink()
+    assert check_manifest(out) == [f"{out / 'manifest.json'}: no manifest (not an nlsr_fast output, or written "
+                                    "before manifests)"]
 
 
 def _tensors() -> dict[str, torch.Tensor]:
