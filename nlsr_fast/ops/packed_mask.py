@@ -143,12 +143,30 @@ _META_KEY = "nlsr_fast.packed_mask.shapes"
 
 
 def save_masks(path: str | os.PathLike[str], masks: Mapping[str, PackedMask]) -> None:
-    """Write masks to one safetensors file: each bits tensor under its name, logical shapes in the metadata."""
-    from safetensors.torch import save_file
+    """Write masks to one safetensors file: each bits tensor under its name, logical shapes in the metadata.
 
-    tensors = {name: m.bits.contiguous().cpu() for name, m in masks.items()}
-    shapes = {name: list(m.shape) for name, m in masks.items()}
-    save_file(tensors, os.fspath(path), metadata={_META_KEY: json.dumps(shapes), "format": "pt"})
+    The bytes depend only on the masks: tensors in sorted name order, metadata keys sorted (the safetensors
+    library's writer orders metadata by a hash map, so equal masks gave different files). The file is created
+    with the default permissions (umask applies), like every other output file, and streamed one mask at a time.
+    """
+    names = sorted(masks)
+    shapes = {name: list(masks[name].shape) for name in names}
+    header: dict[str, object] = {"__metadata__": {"format": "pt", _META_KEY: json.dumps(shapes, sort_keys=True)}}
+    offset = 0
+    for name in names:
+        bits = masks[name].bits
+        nbytes = bits.numel()  # uint8
+        header[name] = {"dtype": "U8", "shape": list(bits.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":"), sort_keys=False).encode()
+    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned, as the reference writer does
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name in names:
+            bits = masks[name].bits
+            if bits.numel():
+                f.write(memoryview(bits.detach().contiguous().cpu().reshape(-1).numpy().data))
 
 
 def load_masks(path: str | os.PathLike[str]) -> dict[str, PackedMask]:

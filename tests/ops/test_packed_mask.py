@@ -191,3 +191,55 @@ def test_load_garbage_file_names_the_path(tmp_path):
     path.write_bytes(b"this is not a safetensors file")
     with pytest.raises(ValueError, match=re.escape(str(path))):
         load_masks(path)
+
+
+def test_save_masks_is_byte_identical_and_sorted(tmp_path):
+    """issue 8: masks.safetensors bytes changed from run to run (metadata key order)."""
+    import hashlib
+    import subprocess
+    import sys
+
+    gen = torch.Generator().manual_seed(3)
+    names = [f"model.layers.{i}.self_attn.{p}_proj.lora_{f}" for i in (1, 0, 10) for p in "vqk" for f in "BA"]
+    masks = {n: PackedMask.from_bool(torch.rand(5 + i, 9 + i, generator=gen) < 0.5) for i, n in enumerate(names)}
+    reordered = dict(reversed(list(masks.items())))
+    save_masks(tmp_path / "a.safetensors", masks)
+    save_masks(tmp_path / "b.safetensors", reordered)
+    a, b = (tmp_path / "a.safetensors").read_bytes(), (tmp_path / "b.safetensors").read_bytes()
+    assert a == b
+    # The same in a fresh interpreter (a hash map in another process would order keys differently).
+    code = (
+        "import sys, torch\n"
+        "from nlsr_fast.ops import load_masks, save_masks\n"
+        "save_masks(sys.argv[2], load_masks(sys.argv[1]))\n"
+    )
+    for i in range(3):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.safetensors"), str(tmp_path / f"c{i}")],
+                       check=True)
+        assert hashlib.sha256((tmp_path / f"c{i}").read_bytes()).digest() == hashlib.sha256(a).digest()
+    n = int.from_bytes(a[:8], "little")
+    header = json.loads(a[8 : 8 + n])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+    shapes_text = header["__metadata__"]["nlsr_fast.packed_mask.shapes"]
+    assert list(json.loads(shapes_text)) == sorted(names)
+    assert [k for k in header if k != "__metadata__"] == sorted(names)
+    back = load_masks(tmp_path / "b.safetensors")
+    assert list(back) == sorted(names) and all(back[k].equal(masks[k]) for k in names)
+
+
+def test_save_masks_file_mode_follows_umask(tmp_path):
+    """issue 8: masks.safetensors was written mode 0600 while the rest of the output is 0644."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        (tmp_path / "plain").write_text("x")
+        save_masks(tmp_path / "m.safetensors", {"x": PackedMask.ones((2, 3))})
+        os.umask(0o027)
+        (tmp_path / "plain2").write_text("x")
+        save_masks(tmp_path / "m2.safetensors", {"x": PackedMask.ones((2, 3))})
+    finally:
+        os.umask(old)
+    mode = lambda p: (tmp_path / p).stat().st_mode & 0o777  # noqa: E731
+    assert mode("m.safetensors") == mode("plain") == 0o644
+    assert mode("m2.safetensors") == mode("plain2") == 0o640
