@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
 from typing import Any
 
-from nlsr_fast.config import RealignConfig
+from nlsr_fast.calib.data import MAX_LINE_BYTES, read_calibration_records
+from nlsr_fast.config import Preset, RealignConfig
 
 __all__ = ["calibration_summary", "format_plan", "make_plan"]
 
@@ -22,31 +22,35 @@ _TEMPLATE_TOKENS = 40
 _CHARS_PER_TOKEN = 4.0
 
 
-def calibration_summary(path: str | Path, *, nsamples: int, max_response_tokens: int, pairs: bool) -> dict[str, Any]:
-    """Records in the JSONL file, how many would be used and an estimate of their tokens (no tokenizer)."""
-    path = Path(path)
-    records = 0
+def calibration_summary(
+    path: str | Path,
+    *,
+    nsamples: int,
+    max_response_tokens: int,
+    pairs: bool,
+    preset: Preset | str = "paper",
+    max_line_bytes: int = MAX_LINE_BYTES,
+) -> dict[str, Any]:
+    """Records in the JSONL file, how many would be used and an estimate of their tokens (no tokenizer).
+
+    Every line goes through the same parser and checks as the real run's `load_calibration`
+    (`read_calibration_records`), so a dry run raises the same ValueError (file:line) on a bad line, a folder, a
+    missing or empty file, a line over `max_line_bytes` or bytes that are not UTF-8.
+    """
+    cfile = read_calibration_records(path, pairs=pairs, preset=preset, max_line_bytes=max_line_bytes)
+    records = len(cfile.records)
     chars = 0
     resp_chars = 0
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        records += 1
-        chars += len(str(rec.get("prompt", "")))
-        for key in ("chosen", "rejected") if pairs else ("response",):
-            resp_chars += min(len(str(rec.get(key, ""))), int(max_response_tokens * _CHARS_PER_TOKEN))
+    for rec in cfile.records:
+        chars += len(rec.prompt)
+        for text in rec.responses:
+            resp_chars += min(len(text), int(max_response_tokens * _CHARS_PER_TOKEN))
     used = min(records, nsamples)
     per = 2 if pairs else 1
-    tokens = 0.0
-    if records:
-        tokens = used * (per * (_TEMPLATE_TOKENS + chars / records / _CHARS_PER_TOKEN)
-                         + resp_chars / records / _CHARS_PER_TOKEN)
-    return {"path": str(path), "records": records, "samples_used": used, "sequences": used * per,
-            "tokens_estimate": int(tokens)}
+    tokens = used * (per * (_TEMPLATE_TOKENS + chars / records / _CHARS_PER_TOKEN)
+                     + resp_chars / records / _CHARS_PER_TOKEN)
+    return {"path": str(cfile.path), "records": records, "samples_used": used, "sequences": used * per,
+            "tokens_estimate": int(tokens), "sha256": cfile.sha256}
 
 
 def _layer_bytes(base: Any) -> dict[int, int]:

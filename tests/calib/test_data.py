@@ -162,3 +162,128 @@ def test_errors(tok_bos, tmp_path):
     _err(tok_bos, ok, "max_response_tokens", max_response_tokens=0)
     _err(tok_bos, ok, "preset", preset="foo")
     _err(tok_bos, ok, "template", template="foo")
+
+
+# --- issue 8: the Preset as the one source, bounded inputs, messages that name file:line -----------------------------
+
+
+def test_preset_object_fields_not_its_name(tok_bos, tmp_path):
+    """load_calibration reads the Preset's fields (response_tokens, pref_chosen), never branches on its name."""
+    from dataclasses import replace
+
+    from nlsr_fast.config import PRESETS
+
+    p = _write(tmp_path / "a.jsonl", [{"prompt": "a", "response": "sorry i cannot"}])
+    words = tok_bos("sorry i cannot", add_special_tokens=False)["input_ids"]
+    # a preset named "paper" whose response rule is the released code's: the field wins
+    odd = replace(PRESETS["paper"], response_tokens="drop_first")
+    s = load_calibration(p, tok_bos, preset=odd).samples[0]
+    assert s.input_ids[-len(words):].tolist() == words  # drop_first dropped the BOS, not a word
+    plain = replace(PRESETS["official"], name="mine", response_tokens="plain")
+    assert load_calibration(p, tok_bos, preset=plain).meta["preset"] == "mine"
+    pairs = _write(tmp_path / "p.jsonl", [{"prompt": "hack", "response_0": "sure", "response_1": "sorry i cannot",
+                                            "better_response_id": 0, "safer_response_id": 1}])
+    better = replace(PRESETS["paper"], name="paper-better", pref_chosen="better")
+    got = load_calibration(pairs, tok_bos, pairs=True, preset=better).samples[0]
+    assert got.chosen.input_ids[-1:].tolist() == tok_bos("sure", add_special_tokens=False)["input_ids"]
+    # names still work (api.py passes config.preset, a name)
+    assert load_calibration(p, tok_bos, preset="official").meta["preset"] == "official"
+
+
+def test_line_over_the_size_limit_is_refused_with_file_line_and_size(tok_bos, tmp_path):
+    from nlsr_fast.calib.data import MAX_LINE_BYTES
+
+    assert MAX_LINE_BYTES == 2**20
+    long = json.dumps({"prompt": "x" * 3000, "response": "sorry"})
+    p = _write(tmp_path / "big.jsonl", [{"prompt": "a", "response": "b"}, long])
+    _err(tok_bos, p, rf"big\.jsonl:2: line is {len(long)} bytes, over the limit of 1000 bytes", max_line_bytes=1000)
+    assert len(load_calibration(p, tok_bos, max_line_bytes=len(long))) == 2  # exactly at the limit: accepted
+    # the default limit: a line of just over 1 MiB
+    huge = json.dumps({"prompt": "x" * MAX_LINE_BYTES, "response": "sorry"})
+    p2 = _write(tmp_path / "huge.jsonl", [huge])
+    _err(tok_bos, p2, rf"huge\.jsonl:1: line is {len(huge)} bytes, over the limit of {MAX_LINE_BYTES} bytes")
+
+
+def test_non_utf8_names_file_line_and_byte_offset(tok_bos, tmp_path):
+    p = tmp_path / "latin1.jsonl"
+    first = b'{"prompt": "a", "response": "b"}\n'
+    p.write_bytes(first + b'{"prompt": "caf\xe9", "response": "b"}\n')
+    _err(tok_bos, p, rf"latin1\.jsonl:2: not UTF-8 text: byte 0xe9 at byte offset 15 of the line "
+                     rf"\(offset {len(first) + 15} in the file\)")
+
+
+def test_a_folder_is_not_a_jsonl_file(tok_bos, tmp_path):
+    (tmp_path / "calib").mkdir()
+    _err(tok_bos, tmp_path / "calib", r"calib is a folder, not a JSONL file")
+
+
+def test_line_separators_inside_json_strings_are_text(tok_bos, tmp_path):
+    """Lines are split on newline only: U+2028, U+0085, \\x1c (which str.splitlines splits on) may sit raw in a
+    JSON string. Found by the calibration fuzzer."""
+    p = tmp_path / "u2028.jsonl"
+    recs = [{"prompt": "a\u2028b\x85c\x1cd", "response": "sorry"}, {"prompt": "e", "response": "sorry"}]
+    p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    cs = load_calibration(p, tok_bos)
+    assert len(cs) == 2 and cs.meta["lines"] == [1, 2]
+
+
+def test_crlf_and_byte_order_mark(tok_bos, tmp_path):
+    p = tmp_path / "crlf.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "response": "b"}\r\n{"prompt": "c", "response": "d"}\r\n')
+    assert load_calibration(p, tok_bos).meta["lines"] == [1, 2]
+
+
+def test_pathological_json_names_the_line(tok_bos, tmp_path):
+    """Deep nesting (RecursionError) and an integer over Python's digit limit raised errors without file:line."""
+    deep = _write(tmp_path / "deep.jsonl", [{"prompt": "a", "response": "b"}, "[" * 100_000])
+    _err(tok_bos, deep, r"deep\.jsonl:2: bad JSON")
+    big = _write(tmp_path / "bigint.jsonl", ['{"prompt": "a", "response": "b", "n": ' + "9" * 5000 + "}"])
+    _err(tok_bos, big, r"bigint\.jsonl:1: bad JSON")
+    sur = _write(tmp_path / "sur.jsonl", ['{"prompt": "a\\ud800", "response": "b"}'])
+    _err(tok_bos, sur, r"sur\.jsonl:1: field 'prompt' holds a lone surrogate")
+
+
+def test_fewer_samples_than_requested_warns_with_both_numbers(tok_bos, tmp_path, caplog):
+    p = _write(tmp_path / "few.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}])
+    with caplog.at_level("WARNING", logger="nlsr_fast.calib.data"):
+        cs = load_calibration(p, tok_bos, nsamples=5)
+    assert len(cs) == 2 and cs.meta["n_requested"] == 5 and cs.meta["n_samples"] == 2
+    msgs = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("2 valid samples, fewer than nsamples=5" in m for m in msgs), msgs
+
+
+def test_pair_fallback_warns_once_per_file(tok_bos, tmp_path, caplog):
+    recs = [{"prompt": f"p{i}", "response_0": "sure", "response_1": "sorry", "better_response_id": 1}
+            for i in range(4)]
+    p = _write(tmp_path / "fb.jsonl", recs)
+    with caplog.at_level("WARNING", logger="nlsr_fast.calib.data"):
+        load_calibration(p, tok_bos, pairs=True, preset="paper")
+    msgs = [r.getMessage() for r in caplog.records if "safer_response_id" in r.getMessage()]
+    assert len(msgs) == 1 and "4 pair records" in msgs[0] and "first: line 1" in msgs[0]
+
+
+def test_samples_longer_than_the_context_are_cut(tok_bos, tmp_path):
+    """Prompt cut from the left (its end kept, and the BOS), response cut to fit; counts in meta."""
+    long_prompt = " ".join(f"w{i}" for i in range(200))
+    p = _write(tmp_path / "ctx.jsonl", [{"prompt": long_prompt, "response": "one two three four five"},
+                                        {"prompt": "a", "response": "six"}])
+    full = load_calibration(p, tok_bos)
+    n_resp = full.samples[0].n_response
+    cs = load_calibration(p, tok_bos, max_context=40)
+    s0, s1 = cs.samples
+    assert s0.n_tokens == 40 and s0.n_response == n_resp
+    assert s0.input_ids[0].item() == tok_bos.bos_token_id  # BOS kept
+    assert s0.input_ids[1:].tolist() == full.samples[0].input_ids[-39:].tolist()  # the end of the prompt kept
+    assert s1.input_ids.tolist() == full.samples[1].input_ids.tolist()  # short enough: untouched
+    assert cs.meta["n_truncated_prompt"] == 1 and cs.meta["n_truncated_response"] == 0
+    assert cs.meta["max_context"] == 40
+    # a context shorter than the response: the response is cut to the context, the prompt dropped
+    tiny = load_calibration(p, tok_bos, max_context=2)
+    assert all(s.n_tokens <= 2 for s in tiny.samples)
+    assert tiny.meta["n_truncated_response"] == 1 and tiny.meta["n_truncated_prompt"] == 2
+    # pairs: one prompt for both sequences, cut to fit the longer response
+    pp = _write(tmp_path / "ctxp.jsonl", [{"prompt": long_prompt, "chosen": "sorry", "rejected": "sure here is how"}])
+    pr = load_calibration(pp, tok_bos, pairs=True, max_context=30).samples[0]
+    assert pr.rejected.n_tokens == 30 and pr.chosen.n_tokens < 30
+    assert pr.chosen.input_ids[: pr.prompt_ids.numel()].tolist() == pr.prompt_ids.tolist()
+    _err(tok_bos, p, "max_context", max_context=0)
