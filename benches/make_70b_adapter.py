@@ -1,13 +1,15 @@
-"""Three synthetic PEFT LoRA adapters with Llama-3-70B shapes, written by streaming one tensor at a time.
+"""Synthetic PEFT LoRA adapters with Llama-3-70B shapes, written by streaming one tensor at a time.
 
 Shapes: hidden 8192, intermediate 28672, 64 heads, 8 KV heads (head dim 128, k/v out 1024), LoRA on the seven
-projections of every layer, A (r, d_in) and B (d_out, r) in bf16 (r = 128: ~1.6 GB per adapter at 80 layers).
+projections of every layer, A (r, d_in) and B (d_out, r) in bf16 (r = 128: 3.31 GB per adapter at 80 layers).
 
 - `aligned`: random factors (A ~ N(0, 1/d_in), B ~ N(0, 0.01^2)), deterministic per (seed, layer, module).
 - `finetuned`: the aligned factors, plus Gaussian noise of a per-module relative size (2%..60% of the factor's
   std) on about half of the modules, so the similarities differ; the other modules are bit-identical to aligned.
-- `reference`: the `amplify` stage (preset paper, alpha 0.9: each factor x sqrt(1.9)) applied to the stored
-  aligned factors, rounded to bf16.
+- `reference` (only when asked for, `kinds=`): what the `amplify` stage does (preset paper, alpha 0.9: each
+  factor x sqrt(1.9) in fp32) applied to the stored aligned factors, rounded to bf16.
+
+Imports nothing from nlsr_fast (the issue forbids importing the library into benches/).
 
 Each file's safetensors header is computed from the shapes first, then the tensors are generated and written
 one by one, so only one module's factors are ever in memory. The folders are cached under
@@ -31,11 +33,13 @@ from typing import BinaryIO
 
 import torch
 
-__all__ = ["LLAMA3_70B", "ADAPTERS", "adapter_config", "default_workdir", "make_70b_adapters", "module_specs"]
+__all__ = ["LLAMA3_70B", "ADAPTERS", "DEFAULT_KINDS", "adapter_config", "default_workdir", "make_70b_adapters",
+           "module_specs"]
 
 #: Llama-3-70B geometry.
 LLAMA3_70B = {"hidden": 8192, "intermediate": 28672, "heads": 64, "kv_heads": 8, "head_dim": 128}
 ADAPTERS = ("aligned", "finetuned", "reference")
+DEFAULT_KINDS = ("aligned", "finetuned")
 ALPHA = 0.9  # amplification coefficient of the reference (preset paper)
 PERTURBED_SHARE = 0.5
 
@@ -122,15 +126,13 @@ class _StreamingSafetensors:
 def _module_tensors(idx: int, d_in: int, d_out: int, rank: int, seed: int
                     ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """('A'|'B', aligned, finetuned, reference) bf16 tensors of module number `idx` (deterministic)."""
-    from nlsr_fast.pipeline import amplify
-
     gen = torch.Generator().manual_seed(seed * 1_000_003 + idx)
     a32 = torch.randn(rank, d_in, generator=gen) * d_in**-0.5
     b32 = torch.randn(d_out, rank, generator=gen) * 0.01
     al_a, al_b = a32.to(torch.bfloat16), b32.to(torch.bfloat16)
     del a32, b32
-    (ref_a, ref_b), = amplify({"m": (al_a, al_b)}, ALPHA, "paper").values()
-    ref_a, ref_b = ref_a.to(torch.bfloat16), ref_b.to(torch.bfloat16)
+    c = math.sqrt(1.0 + ALPHA)  # amplify, preset paper
+    ref_a, ref_b = (al_a.float() * c).to(torch.bfloat16), (al_b.float() * c).to(torch.bfloat16)
     u = torch.rand(2, generator=gen).tolist()
     if u[0] < PERTURBED_SHARE:
         rel = 0.02 + 0.58 * u[1]
@@ -149,14 +151,17 @@ def make_70b_adapters(
     seed: int = 0,
     workdir: str | os.PathLike[str] | None = None,
     geometry: dict[str, int] | None = None,
+    kinds: Sequence[str] = DEFAULT_KINDS,
     verbose: bool = False,
 ) -> dict[str, Path]:
-    """Write (or find cached) the aligned, fine-tuned and reference adapter folders; returns {kind: folder}."""
+    """Write (or find cached) the adapter folders of `kinds` (aligned, finetuned, reference); {kind: folder}."""
     g = geometry or LLAMA3_70B
     tag = "llama3_70b" if g == LLAMA3_70B else "llama_h{hidden}_i{intermediate}".format(**g)
     root = Path(workdir) if workdir is not None else default_workdir()
-    root = root / f"{tag}_L{layers}_r{rank}_s{seed}"
-    folders = {kind: root / kind for kind in ADAPTERS}
+    kinds = [k for k in ADAPTERS if k in kinds]
+    suffix = "" if set(kinds) == set(DEFAULT_KINDS) else "_" + "_".join(kinds)
+    root = root / f"{tag}_L{layers}_r{rank}_s{seed}{suffix}"
+    folders = {kind: root / kind for kind in kinds}
     if (root / "DONE").is_file():
         return folders
     specs = module_specs(layers, g)
@@ -174,9 +179,9 @@ def make_70b_adapters(
     for idx, (name, d_in, d_out) in enumerate(specs):
         for which, al, ft, ref in _module_tensors(idx, d_in, d_out, rank, seed):
             key = f"base_model.model.{name}.lora_{which}.weight"
-            writers["aligned"].write(key, al)
-            writers["finetuned"].write(key, ft)
-            writers["reference"].write(key, ref)
+            for kind, t in (("aligned", al), ("finetuned", ft), ("reference", ref)):
+                if kind in writers:
+                    writers[kind].write(key, t)
         if verbose and (idx + 1) % 7 == 0:
             print(f"  layer {(idx + 1) // 7}/{layers} written ({time.perf_counter() - t0:.1f} s)", flush=True)
     for w in writers.values():
@@ -192,9 +197,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--kinds", default=",".join(DEFAULT_KINDS), help="comma-separated subset of " + ",".join(ADAPTERS))
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    folders = make_70b_adapters(args.layers, rank=args.rank, seed=args.seed, workdir=args.workdir, verbose=True)
+    folders = make_70b_adapters(args.layers, rank=args.rank, seed=args.seed, workdir=args.workdir, verbose=True,
+                                kinds=[k.strip() for k in args.kinds.split(",")])
     for kind, folder in folders.items():
         size = (folder / "adapter_model.safetensors").stat().st_size
         print(f"{kind:10s} {folder}  {size / 1e9:.3f} GB")
