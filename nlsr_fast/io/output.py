@@ -88,6 +88,7 @@ def check_output(
     inputs: Iterable[str | os.PathLike[str]],
     overwrite: bool = False,
     force: bool = False,
+    wait: bool = False,
 ) -> None:
     """The checks `atomic_output` runs before writing, for callers that validate before any work.
 
@@ -96,6 +97,9 @@ def check_output(
     `<out>.partial` (left by a run that did not finish) is replaced only with `overwrite`; an existing `out` is
     replaced only with `overwrite`, and only when it carries nlsr_fast's manifest (an earlier output) unless
     `force`.
+
+    With `wait`, a lock held by another run is not an error: the checks that depend on that run (the partial
+    folder, an existing `out`) are skipped, and the caller repeats `check_output` once it holds the lock.
     """
     from nlsr_fast.io.lock import lock_holder, lock_path
     from nlsr_fast.io.manifest import MANIFEST_FILE, is_output
@@ -108,6 +112,9 @@ def check_output(
         _check_disjoint(target, input_paths, what)
     _check_writable(out)
     holder = lock_holder(out)
+    if holder is not None and wait:
+        log.info("output %s is locked by pid %s; its other checks wait for the lock", out, holder.get("pid", "?"))
+        return
     if holder is not None:
         raise ValueError(f"output {out} is locked by pid {holder.get('pid', '?')} on host "
                          f"{holder.get('host', '?')} since {holder.get('started', '?')} (lock file {lock_path(out)}); "

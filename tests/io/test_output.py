@@ -393,3 +393,31 @@ def test_sha256_and_record(tmp_path: Path) -> None:
     assert sha256_file(empty) == hashlib.sha256(b"").hexdigest()
     with pytest.raises(ValueError, match="chunk must be positive"):
         sha256_file(p, chunk=0)
+
+
+def test_check_output_with_wait_defers_to_the_lock(tmp_path: Path, inp: Path) -> None:
+    """check_output(wait=True) up front must not fail on the holder's live OUT.partial; the caller re-checks once it
+    holds the lock."""
+    out = tmp_path / "out"
+    code = (
+        "import sys\n"
+        "from nlsr_fast.io.output import atomic_output\n"
+        f"with atomic_output({str(out)!r}, inputs=[{str(inp)!r}]) as p:\n"
+        "    print('ready', flush=True)\n"
+        "    sys.stdin.readline()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        check_output(out, inputs=[inp], wait=True)
+        with pytest.raises(ValueError, match="locked by"):
+            check_output(out, inputs=[inp])
+        with pytest.raises(ValueError, match="lies inside the input"):
+            check_output(inp / "o", inputs=[inp], wait=True)  # the other checks still run
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.write("\n")
+        proc.stdin.close()
+        assert proc.wait() == 0
+    with pytest.raises(ValueError, match="already exists"):
+        check_output(out, inputs=[inp], wait=True)
