@@ -1,39 +1,24 @@
-"""`realign`: the whole NLSR pipeline on PEFT LoRA adapters, from folders on disk to a realigned adapter folder.
+"""`realign`: NLSR from folders on disk to a realigned adapter or checkpoint, through the streaming executor.
 
-amplify -> score (calibration on the reference) -> similarity -> select -> restore -> write (SPEC §2-§7).
+validate everything -> calibrate (methods that need data) -> executor (pass 1, select, pass 2) -> report, card,
+plot, manifest -> rename. LoRA mode and dense mode differ only in their Space (lora.py, dense.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from nlsr_fast.config import RealignConfig
-from nlsr_fast.pipeline._types import Factors
-from nlsr_fast.pipeline.amplify import amplify
-from nlsr_fast.pipeline.plan import calibration_summary, format_plan, make_plan
-from nlsr_fast.pipeline.restore import changed_entries, restore
-from nlsr_fast.pipeline.score import score
-from nlsr_fast.pipeline.select import select
-from nlsr_fast.pipeline.similarity import similarity
-from nlsr_fast.pipeline.write import (
-    CARD_FILE,
-    MASKS_FILE,
-    PLOT_FILE,
-    REPORT_FILE,
-    folder_bytes,
-    output_tensors,
-    write_card,
-    write_masks,
-)
+from nlsr_fast.config import MODE_METHODS, RealignConfig
+from nlsr_fast.io.finite import NonFinite
 from nlsr_fast.report import ModuleRecord, Report, versions
 
 __all__ = ["realign", "realign_with_config"]
@@ -51,146 +36,252 @@ def realign(
     *,
     calibration: PathLike | None = None,
     reference: PathLike | None = None,
-    preset: str = "paper",
-    method: str = "low_rank",
-    sparsity: float = 0.8,
-    alpha: float = 0.9,
-    selection: str = "adaptive",
-    prune_rate: float = 0.5,
-    epsilon: float = 0.2,
-    tau: float | None = None,
-    fraction: float | None = None,
-    seed: int = 42,
-    nsamples: int = 2000,
-    max_response_tokens: int = 256,
-    template: str = "alpaca",
-    sequential: bool = True,
-    micro_batch: int | None = None,
-    calib_dtype: str | None = None,
-    device: str | None = None,
-    backend: str | None = None,
     dry_run: bool = False,
     quiet: bool = False,
     overwrite: bool = False,
+    force: bool = False,
+    wait: bool = False,
+    **options: Any,
 ) -> Report:
-    """Realign a fine-tuned LoRA adapter with NLSR and write the result to `out`.
+    """Realign a fine-tuned model with NLSR and write the result to `out`.
 
     Args:
         base: the base checkpoint folder F_s (sharded safetensors + config + tokenizer).
-        aligned: the safety-aligned PEFT LoRA adapter folder on `base`.
-        finetuned: the fine-tuned PEFT adapter folder (continued training of `aligned`: same keys and ranks).
+        aligned: the safety-aligned model: a PEFT LoRA adapter folder on `base`, or a full checkpoint (dense mode).
+        finetuned: the fine-tuned model: an adapter that continued `aligned` (LoRA mode), any adapter on `base`,
+            or a full checkpoint (dense mode).
         out: the output folder (must not exist unless `overwrite`; never inside or above an input).
         calibration: JSONL of {"prompt", "response"} (pairs {"prompt", "chosen", "rejected"} for pref_snip);
-            required by every method but `random`.
-        reference: a ready reference adapter folder; amplification is skipped when given.
-        preset ... backend: the hyper-parameters of RealignConfig (SPEC §8 defaults).
-        dry_run: read headers only, log and return the plan; nothing is written.
+            required by low_rank, wanda, snip and pref_snip.
+        reference: a ready reference (adapter in LoRA mode, checkpoint in dense mode); amplification is skipped.
+        dry_run: validate every input as a real run would, log and return the plan; nothing is written.
         quiet: no progress bars.
-        overwrite: replace an existing `out`.
+        overwrite: replace an existing `out` (only a folder nlsr_fast wrote, unless `force`).
+        force: with `overwrite`, replace `out` even if it is not an nlsr_fast output.
+        wait: wait for another run holding `out`'s lock instead of failing.
+        **options: any field of RealignConfig (preset, method, sparsity, alpha, mode, targets, ...), with its
+            defaults (SPEC §8).
     Returns:
         The Report (also written as out/report.json unless dry_run).
     """
-    config = RealignConfig(
-        preset=preset,
-        method=method,
-        sparsity=sparsity,
-        alpha=alpha,
-        selection=selection,
-        prune_rate=prune_rate,
-        epsilon=epsilon,
-        tau=tau,
-        fraction=fraction,
-        seed=seed,
-        nsamples=nsamples,
-        max_response_tokens=max_response_tokens,
-        template=template,
-        sequential=sequential,
-        micro_batch=micro_batch,
-        calib_dtype=calib_dtype,
-        device=device,
-        backend=backend,
-    )
-    return realign_with_config(
-        config,
-        base,
-        aligned,
-        finetuned,
-        out,
-        calibration=calibration,
-        reference=reference,
-        dry_run=dry_run,
-        quiet=quiet,
-        overwrite=overwrite,
-    )
+    return realign_with_config(RealignConfig.from_dict(options), base, aligned, finetuned, out,
+                               calibration=calibration, reference=reference, dry_run=dry_run, quiet=quiet,
+                               overwrite=overwrite, force=force, wait=wait)
 
 
-class _Stages:
-    """Timings per stage plus one tqdm bar over the stages (only at this edge, off when quiet or not a TTY)."""
+class _Progress:
+    """Timings per stage and tqdm bars (only at this edge; off when quiet or not a TTY)."""
 
-    def __init__(self, names: list[str], quiet: bool) -> None:
+    def __init__(self, quiet: bool) -> None:
         self.timings: dict[str, float] = {}
-        self._bar: Any = None
-        if not quiet and sys.stderr.isatty():
-            from tqdm.auto import tqdm
+        self.enabled = not quiet and sys.stderr.isatty()
+        self._bars: dict[str, Any] = {}
 
-            self._bar = tqdm(total=len(names), desc="realign", unit="stage", leave=False)
+    def stage(self, name: str, seconds: float) -> None:
+        self.timings[name] = round(self.timings.get(name, 0.0) + seconds, 4)
 
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        if self._bar is not None:
-            self._bar.set_description(f"realign: {name}")
-        log.info("stage %s", name)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[name] = round(time.perf_counter() - start, 4)
-            if self._bar is not None:
-                self._bar.update(1)
-
-    def layers(self, desc: str) -> Callable[[int, int], None] | None:
-        """A progress(done, total) callback for the calibration engine, with its own bar; None when bars are off."""
-        if self._bar is None:
-            return None
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
         from tqdm.auto import tqdm
 
-        bar = tqdm(desc=desc, unit="layer", leave=False)
+        bar = self._bars.get(phase)
+        if bar is None:
+            bar = self._bars[phase] = tqdm(desc=f"realign: {phase}", total=total, leave=False)
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
 
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-            if done >= total:
-                bar.close()
-
-        return progress
+    def layers(self, desc: str) -> Callable[[int, int], None] | None:
+        """A progress(done, total) callback for the calibration engine; None when bars are off."""
+        return (lambda done, total: self(desc, done, total)) if self.enabled else None
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
+        for bar in self._bars.values():
+            bar.close()
+
+
+@dataclass
+class _Inputs:
+    """The run's inputs, opened and checked (headers only), and what the mode needs of them."""
+
+    mode: str
+    base: Any
+    finetuned: Any
+    aligned: Any
+    reference: Any
+    modules: list[str]
+    paths: dict[str, Path | None]
+    calibration: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    extra_records: list[dict[str, Any]] = field(default_factory=list)
+
+    def files(self, role: str) -> list[Path]:
+        model = {"finetuned": self.finetuned, "aligned": self.aligned, "reference": self.reference}.get(role)
+        if role == "base":
+            folder = self.base.folder
+            meta = [p for p in (folder / "config.json", self.base.index_file) if p is not None and p.is_file()]
+            return [*meta, *self.base.files]
+        if role == "calibration":
+            return [self.paths["calibration"]] if self.paths["calibration"] is not None else []
+        return list(model.files) if model is not None else []
+
+
+def _is_adapter(path: Path) -> bool:
+    from nlsr_fast.io.adapter import ADAPTER_CONFIG
+
+    return (path / ADAPTER_CONFIG).is_file()
+
+
+def _open_model(role: str, path: Path, base: Any, nonfinite: NonFinite) -> Any:
+    """A LoraAdapter when `path` is an adapter folder, else a CheckpointReader; names the role on failure."""
+    from nlsr_fast.io import CheckpointReader, LoraAdapter
+
+    if not path.is_dir():
+        raise ValueError(f"{role} {path} does not exist or is not a folder")
+    if _is_adapter(path):
+        return LoraAdapter.load(path)
+    try:
+        return CheckpointReader(path)
+    except ValueError as exc:
+        raise ValueError(f"{role} {path} is neither a PEFT adapter (no adapter_config.json) nor a checkpoint: "
+                         f"{exc}") from None
+
+
+def _lora_compatible(ft: Any, aligned: Any) -> str | None:
+    """None when LoRA mode applies (both adapters, same modules and ranks), else why not."""
+    from nlsr_fast.io import LoraAdapter, check_compatible
+
+    if not isinstance(ft, LoraAdapter) or not isinstance(aligned, LoraAdapter):
+        return "the fine-tuned and aligned inputs are not both LoRA adapters"
+    try:
+        check_compatible(ft, aligned)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _resolve_mode(config: RealignConfig, ft: Any, aligned: Any, reference: Any) -> str:
+    why_not = _lora_compatible(ft, reference if reference is not None else aligned)
+    if config.mode == "lora" and why_not is not None:
+        raise ValueError(f"mode lora: {why_not}")
+    mode = config.mode if config.mode != "auto" else ("lora" if why_not is None else "dense")
+    if config.method not in MODE_METHODS[mode]:
+        detail = "" if config.mode != "auto" else f" (mode auto chose {mode}: {why_not or 'adapters match'})"
+        raise ValueError(f"method {config.method!r} is not available in {mode} mode{detail}; choose one of "
+                         f"{list(MODE_METHODS[mode])}")
+    log.info("mode %s%s", mode, "" if config.mode != "auto" else " (auto)")
+    return mode
+
+
+def _open_inputs(config: RealignConfig, base_p: Path, aligned_p: Path, ft_p: Path, ref_p: Path | None,
+                 calib_p: Path | None, nonfinite: NonFinite) -> _Inputs:
+    """Open and check every input from headers alone, before any computation (a dry run stops after this)."""
+    from nlsr_fast.io import CheckpointReader, check_adapter_matches_base, check_compatible
+
+    if not base_p.is_dir():
+        raise ValueError(f"base {base_p} does not exist or is not a folder")
+    base = CheckpointReader(base_p)
+    ft = _open_model("fine-tuned", ft_p, base, nonfinite)
+    aligned = _open_model("aligned", aligned_p, base, nonfinite)
+    reference = _open_model("reference", ref_p, base, nonfinite) if ref_p is not None else None
+    mode = _resolve_mode(config, ft, aligned, reference)
+    paths = {"base": base_p, "aligned": aligned_p, "finetuned": ft_p, "reference": ref_p, "calibration": calib_p}
+    if mode == "lora":
+        from nlsr_fast.lora import plan_extras
+
+        check_compatible(ft, aligned)
+        if reference is not None:
+            check_compatible(ft, reference)
+        check_adapter_matches_base(ft, base)
+        if len(ft.modules) == 0:
+            raise ValueError(f"fine-tuned adapter {ft_p} has no LoRA modules")
+        extras, records = plan_extras(ft, aligned, base, config.extra_tensors, nonfinite)
+        inputs = _Inputs(mode, base, ft, aligned, reference, ft.modules, paths, extras=extras, extra_records=records)
+    else:
+        inputs = _open_dense(config, base, ft, aligned, reference, paths, nonfinite)
+    _check_calibration_file(config, calib_p)
+    return inputs
+
+
+def _open_dense(config: RealignConfig, base: Any, ft: Any, aligned: Any, reference: Any,
+                paths: dict[str, Path | None], nonfinite: NonFinite) -> _Inputs:
+    from nlsr_fast.dense import DEFAULT_TARGETS, DenseInput, dense_targets
+    from nlsr_fast.io import LoraAdapter, check_adapter_matches_base
+
+    models = {}
+    for role, source in (("finetuned", ft), ("aligned", aligned), ("reference", reference)):
+        if source is None:
+            continue
+        if isinstance(source, LoraAdapter):
+            if role == "reference":
+                raise ValueError(f"dense mode: the reference {source.folder} must be a full checkpoint, not an adapter")
+            check_adapter_matches_base(source, base)
+            if source.extra_keys:
+                raise ValueError(f"{source.weights_file}: dense mode merges LoRA factors only; this adapter also "
+                                 f"holds non-LoRA tensors {source.extra_keys[:4]} (modules_to_save?). Merge it into "
+                                 "a full checkpoint first, or use LoRA mode")
+        models[role] = DenseInput(role, source, base, nonfinite)
+    targets = dense_targets(models["finetuned"], config.targets or DEFAULT_TARGETS)
+    for role, model in models.items():
+        for name in targets:
+            key = f"{name}.weight"
+            for other, what in ((model, role), (base, "base")):
+                if key not in other:
+                    raise ValueError(f"dense mode: target {key!r} of the fine-tuned model is missing in the {what} "
+                                     f"model {other.folder}")
+                if tuple(other.shape(key)) != tuple(models["finetuned"].shape(key)):
+                    raise ValueError(f"dense mode: target {key!r} has shape {list(other.shape(key))} in the {what} "
+                                     f"model {other.folder} but {list(models['finetuned'].shape(key))} in the "
+                                     "fine-tuned one")
+                if not other.dtype(key).is_floating_point:
+                    raise ValueError(f"dense mode: target {key!r} in {other.folder} is {other.dtype(key)}, not a "
+                                     "float weight")
+    return _Inputs("dense", base, models["finetuned"], models.get("aligned"), models.get("reference"), targets, paths)
+
+
+def _check_calibration_file(config: RealignConfig, calib_p: Path | None) -> None:
+    needs = config.method not in ("random", "magnitude")
+    if needs and calib_p is None:
+        raise ValueError(f"method {config.method!r} needs calibration data (calibration=..., --calibration FILE)")
+    if calib_p is not None and calib_p.is_dir():
+        raise ValueError(f"calibration {calib_p} is a folder, not a JSONL file")
+    if calib_p is not None and not calib_p.is_file():
+        raise ValueError(f"calibration file {calib_p} does not exist")
+
+
+def _load_calibration(config: RealignConfig, inputs: _Inputs) -> Any:
+    """Tokenised calibration samples (every method but random and magnitude), or None."""
+    calib_p = inputs.paths["calibration"]
+    if config.method in ("random", "magnitude"):
+        return None
+    assert calib_p is not None
+    from transformers import AutoTokenizer
+
+    from nlsr_fast.calib.data import load_calibration
+
+    base_p = inputs.base.folder
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(os.fspath(base_p))
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(f"base checkpoint {base_p}: cannot load its tokenizer for the calibration data: "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    calib = load_calibration(calib_p, tokenizer, nsamples=config.nsamples,
+                             max_response_tokens=config.max_response_tokens, seed=config.seed,
+                             template=config.template, preset=config.preset_spec,
+                             pairs=config.method == "pref_snip",
+                             max_context=inputs.base.config.get("max_position_embeddings"))
+    if len(calib) == 0:
+        raise ValueError(f"calibration file {calib_p} gave no samples")
+    return calib
 
 
 def _resolve_device(device: str | None) -> torch.device:
     if device is not None:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _load_factors(adapter: Any, names: list[str], device: torch.device,
-                  dtype: torch.dtype | None = None) -> Factors:
-    out: Factors = {}
-    for name in names:
-        a, b = adapter.factors(name)
-        out[name] = (a.to(device=device, dtype=dtype or a.dtype), b.to(device=device, dtype=dtype or b.dtype))
-    return out
-
-
-def _file_records(paths: list[Path], *, hash_files: bool) -> list[dict[str, Any]]:
-    from nlsr_fast.io import file_record
-
-    if hash_files:
-        return [file_record(p) for p in paths]
-    return [{"path": str(p), "size": p.stat().st_size, "sha256": None} for p in paths]
 
 
 def realign_with_config(
@@ -205,178 +296,126 @@ def realign_with_config(
     dry_run: bool = False,
     quiet: bool = False,
     overwrite: bool = False,
+    force: bool = False,
+    wait: bool = False,
 ) -> Report:
     """`realign` with a ready RealignConfig (what the CLI calls)."""
-    from nlsr_fast.io import (
-        CheckpointReader,
-        LoraAdapter,
-        atomic_output,
-        check_adapter_matches_base,
-        check_compatible,
-        check_output,
-    )
-    from nlsr_fast.io import write_adapter as write_adapter_files
+    from nlsr_fast.io import check_output
+    from nlsr_fast.io.lock import OutputLock
 
     t_start = time.perf_counter()
     base_p, aligned_p, ft_p, out_p = Path(base), Path(aligned), Path(finetuned), Path(out)
     ref_p = Path(reference) if reference is not None else None
     calib_p = Path(calibration) if calibration is not None else None
-    preset = config.preset_spec
-    device = _resolve_device(config.device)
-    backend = config.backend
-
-    # -- validate everything before anything is computed or written ---------------------------------------------
-    base_reader = CheckpointReader(base_p)
-    ft = LoraAdapter.load(ft_p)
-    al = LoraAdapter.load(aligned_p)
-    check_compatible(ft, al)
-    ref_adapter = LoraAdapter.load(ref_p) if ref_p is not None else None
-    if ref_adapter is not None:
-        check_compatible(ft, ref_adapter)
-    check_adapter_matches_base(ft, base_reader)
-    if len(ft.modules) == 0:
-        raise ValueError(f"fine-tuned adapter {ft_p} has no LoRA modules")
-    needs_calib = config.method != "random"
-    pairs = config.method == "pref_snip"
-    if needs_calib and calib_p is None:
-        raise ValueError(f"method {config.method!r} needs calibration data (calibration=..., --calibration FILE)")
-    if calib_p is not None and not calib_p.is_file():
-        raise ValueError(f"calibration file {calib_p} does not exist")
-    inputs = [p for p in (base_p, aligned_p, ft_p, ref_p, calib_p) if p is not None]
-    check_output(out_p, inputs=inputs, overwrite=overwrite)  # atomic_output repeats it; this one fails before any work
-    paths = {"base": str(base_p), "aligned": str(aligned_p), "finetuned": str(ft_p),
-             "reference": str(ref_p) if ref_p else None, "calibration": str(calib_p) if calib_p else None,
-             "out": str(out_p)}
-
+    input_paths = [p for p in (base_p, aligned_p, ft_p, ref_p, calib_p) if p is not None]
+    check_output(out_p, inputs=input_paths, overwrite=overwrite, force=force)
+    nonfinite = NonFinite(config.allow_nonfinite)
     if dry_run:
-        summary = None
-        if needs_calib and calib_p is not None:
-            summary = calibration_summary(calib_p, nsamples=config.nsamples,
-                                          max_response_tokens=config.max_response_tokens, pairs=pairs)
-            if summary["records"] == 0:
-                raise ValueError(f"calibration file {calib_p} is empty (no valid samples)")
-        plan = make_plan(config, base=base_reader, finetuned=ft, reference_given=ref_p is not None,
-                         calibration=summary, device=str(device), paths=paths)
-        log.info("%s", format_plan(plan))
-        return Report(inputs={k: {"path": v} for k, v in paths.items() if v and k != "out"}, output=None,
-                      versions=versions(), config=config.to_dict(), preset=_preset_dict(preset),
-                      counts={"modules": len(ft.modules)}, dry_run=True, plan=plan)
-
-    calib_set = None
-    if needs_calib:
-        assert calib_p is not None
-        from transformers import AutoTokenizer
-
-        from nlsr_fast.calib.data import load_calibration
-
+        inputs = _open_inputs(config, base_p, aligned_p, ft_p, ref_p, calib_p, nonfinite)
+        return _dry_run(config, inputs, out_p)
+    with OutputLock(out_p, wait=wait, inputs=input_paths):
+        inputs = _open_inputs(config, base_p, aligned_p, ft_p, ref_p, calib_p, nonfinite)
+        calib = _load_calibration(config, inputs)
+        progress = _Progress(quiet)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(os.fspath(base_p))
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"base checkpoint {base_p}: cannot load its tokenizer for the calibration data: "
-                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-        calib_set = load_calibration(calib_p, tokenizer, nsamples=config.nsamples,
-                                     max_response_tokens=config.max_response_tokens, seed=config.seed,
-                                     template=config.template, preset=config.preset, pairs=pairs)
-        if len(calib_set) == 0:
-            raise ValueError(f"calibration file {calib_p} gave no samples")
-
-    stages = _Stages(["amplify", "score", "similarity", "select", "restore", "write"], quiet)
-    try:
-        with stages.stage("amplify"):
-            ft_factors = _load_factors(ft, ft.modules, device)
-            if ref_adapter is not None:
-                ref_factors = _load_factors(ref_adapter, ft.modules, device, torch.float32)
-                ref_scales = {name: ref_adapter.scale(name) for name in ft.modules}
-            else:
-                ref_factors = amplify(_load_factors(al, ft.modules, device), config.alpha, preset)
-                ref_scales = {name: al.scale(name) for name in ft.modules}
-        with stages.stage("score"):
-            calib_dtype = getattr(torch, config.calib_dtype) if config.calib_dtype else None
-            masks = score(config.method, ref_factors, sparsity=config.sparsity, preset=preset, seed=config.seed,
-                          base=base_reader, calib=calib_set, scales=ref_scales, sequential=config.sequential,
-                          micro_batch=config.micro_batch, dtype=calib_dtype, device=device, backend=backend,
-                          progress=stages.layers(f"calibration ({config.method})"))
-        with stages.stage("similarity"):
-            sims = similarity(ft_factors, ref_factors, masks, backend=backend)
-        with stages.stage("select"):
-            names = list(ft.modules)
-            chosen = select([sims[n] for n in names], selection=config.selection, prune_rate=config.prune_rate,
-                            epsilon=config.epsilon, seed=config.seed, preset=preset, tau=config.tau,
-                            fraction=config.fraction)
-            restored = {n for n, flag in zip(names, chosen.restored, strict=True) if flag}
-        with stages.stage("restore"):
-            new_factors = restore(ft_factors, ref_factors, masks, restored, backend=backend)
-
-        records = []
-        for i, name in enumerate(names):
-            a_t, b_t = ft_factors[name]
-            a_n, b_n = new_factors[name]
-            mask_a, mask_b = masks[name]
-            layer = ft.layer_of(name)
-            records.append(ModuleRecord(
-                name=name,
-                layer=-1 if layer is None else int(layer),
-                similarity=float(sims[name]),
-                probability=None if chosen.probabilities is None else chosen.probabilities[i],
-                draw=None if chosen.draws is None else chosen.draws[i],
-                restored=name in restored,
-                density_a=mask_a.density(),
-                density_b=mask_b.density(),
-                changed_a=changed_entries(a_t, a_n) if name in restored else 0,
-                changed_b=changed_entries(b_t, b_n) if name in restored else 0,
-                shape_a=list(a_t.shape),
-                shape_b=list(b_t.shape),
-            ))
-        base_files = [p for p in (base_p / "config.json", base_reader.index_file) if p is not None and p.is_file()]
-        input_records = {
-            # The base shards are hashed only when calibration read them (every method but random).
-            "base": {"path": str(base_p), "files": _file_records([*base_files, *base_reader.files],
-                                                                 hash_files=needs_calib)},
-            "aligned": {"path": str(aligned_p), "files": _file_records(al.files, hash_files=True)},
-            "finetuned": {"path": str(ft_p), "files": _file_records(ft.files, hash_files=True)},
-        }
-        if ref_adapter is not None and ref_p is not None:
-            input_records["reference"] = {"path": str(ref_p),
-                                          "files": _file_records(ref_adapter.files, hash_files=True)}
-        if calib_p is not None:
-            input_records["calibration"] = {"path": str(calib_p), "files": _file_records([calib_p], hash_files=True)}
-        report = Report(
-            inputs=input_records,
-            output=str(out_p),
-            versions=versions(),
-            config=config.to_dict(),
-            preset=_preset_dict(preset),
-            modules=records,
-            counts={"modules": len(names), "restored": len(restored),
-                    "calibration_samples": len(calib_set) if calib_set is not None else 0,
-                    "calibration_response_tokens": int(calib_set.meta.get("response_tokens", 0)) if calib_set else 0,
-                    "calibration_truncated": int(calib_set.meta.get("n_truncated", 0)) if calib_set else 0},
-        )
-
-        with stages.stage("write"), atomic_output(out_p, inputs=inputs, overwrite=overwrite) as tmp:
-            t_write = time.perf_counter()
-            tmp = Path(tmp)
-            write_adapter_files(tmp, ft.config, output_tensors(ft, new_factors, restored),
-                                metadata={"format": "pt", "nlsr_fast": report.versions["nlsr_fast"]})
-            write_masks(tmp / MASKS_FILE, masks)
-            if not report.plot(tmp / PLOT_FILE):
-                log.warning("similarity plot skipped (matplotlib missing)")
-            write_card(tmp / CARD_FILE, base_model=ft.config.get("base_model_name_or_path"), report=report)
-            report.bytes_read = int(base_reader.bytes_read + al.nbytes + ft.nbytes
-                                    + (ref_adapter.nbytes if ref_adapter is not None else 0)
-                                    + (calib_p.stat().st_size if calib_p is not None else 0))
-            # report.json records everything but its own size and the time to write it.
-            report.bytes_written = folder_bytes(tmp)
-            now = time.perf_counter()
-            report.timings = {**stages.timings, "write": round(now - t_write, 4), "total": round(now - t_start, 4)}
-            report.to_json(tmp / REPORT_FILE)
-    finally:
-        stages.close()
-    log.info("realign: restored %d of %d modules; wrote %s", len(restored), len(names), out_p)
+            report = _run(config, inputs, calib, out_p, overwrite=overwrite, force=force, nonfinite=nonfinite,
+                          progress=progress, t_start=t_start)
+        finally:
+            progress.close()
+    log.info("realign: restored %d of %d modules; wrote %s", report.counts["restored"], report.counts["modules"],
+             out_p)
     return report
 
 
-def _preset_dict(preset: Any) -> dict[str, Any]:
-    from dataclasses import asdict
+def _dry_run(config: RealignConfig, inputs: _Inputs, out_p: Path) -> Report:
+    from nlsr_fast.pipeline.plan import calibration_summary, format_plan, make_plan
 
-    return asdict(preset)
+    summary = None
+    calib_p = inputs.paths["calibration"]
+    if calib_p is not None and config.method not in ("random", "magnitude"):
+        summary = calibration_summary(calib_p, nsamples=config.nsamples,
+                                      max_response_tokens=config.max_response_tokens,
+                                      pairs=config.method == "pref_snip")
+        if summary["records"] == 0:
+            raise ValueError(f"calibration file {calib_p} is empty (no valid samples)")
+        _load_calibration(config, inputs)  # the tokenizer and every sample, as the real run will see them
+    paths = {k: (str(v) if v is not None else None) for k, v in inputs.paths.items()} | {"out": str(out_p)}
+    device = str(_resolve_device(config.device))
+    plan = make_plan(config, base=inputs.base, finetuned=inputs.finetuned, reference_given=inputs.reference is not None,
+                     calibration=summary, device=device, paths=paths, mode=inputs.mode, modules=inputs.modules)
+    log.info("%s", format_plan(plan))
+    return Report(inputs={k: {"path": v} for k, v in paths.items() if v and k != "out"}, output=None,
+                  versions=versions(), config=config.to_dict(), preset=asdict(config.preset_spec),
+                  counts={"modules": len(inputs.modules)}, dry_run=True, plan=plan, mode=inputs.mode)
+
+
+def _run(config: RealignConfig, inputs: _Inputs, calib: Any, out_p: Path, *, overwrite: bool, force: bool,
+         nonfinite: NonFinite, progress: _Progress, t_start: float) -> Report:
+    """Calibrate, execute and write the output folder through `<out>.partial`."""
+    from nlsr_fast.io import atomic_output
+    from nlsr_fast.io.hashing import BackgroundHasher
+
+    roles = ["finetuned", "aligned", "reference"] + (["base"] if inputs.mode == "dense" or calib is not None else [])
+    hasher = BackgroundHasher([p for role in [*roles, "calibration"] for p in inputs.files(role)])
+    input_paths = [p for p in inputs.paths.values() if p is not None]
+    with atomic_output(out_p, inputs=input_paths, overwrite=overwrite, force=force) as tmp:
+        run = _build(config, inputs, calib, Path(tmp), nonfinite, progress)
+        executed = run.execute()
+        report = _report(config, inputs, calib, run, executed, hasher, out_p, nonfinite)
+        run.finish(report)
+        from nlsr_fast.pipeline.write import PLOT_FILE, REPORT_FILE, folder_bytes
+
+        if not report.plot(Path(tmp) / PLOT_FILE):
+            log.warning("similarity plot skipped (matplotlib missing)")
+        report.bytes_written = folder_bytes(tmp)
+        report.timings = {**progress.timings, "total": round(time.perf_counter() - t_start, 4)}
+        report.to_json(Path(tmp) / REPORT_FILE)
+    return report
+
+
+def _build(config: RealignConfig, inputs: _Inputs, calib: Any, tmp: Path, nonfinite: NonFinite,
+           progress: _Progress) -> Any:
+    from nlsr_fast.runs import DenseRun, LoraRun
+
+    cls = LoraRun if inputs.mode == "lora" else DenseRun
+    return cls(config, inputs, calib, tmp, nonfinite, progress, _resolve_device(config.device))
+
+
+def _report(config: RealignConfig, inputs: _Inputs, calib: Any, run: Any, executed: Any, hasher: Any, out_p: Path,
+            nonfinite: NonFinite) -> Report:
+    records = []
+    restored = set(executed.restored)
+    chosen = executed.selection
+    for i, name in enumerate(inputs.modules):
+        keys = run.space.mask_keys(name)
+        dens = executed.densities[name]
+        changed = executed.changed.get(name, {})
+        shapes = run.mask_shapes
+        layer = next((int(p) for p in name.split(".") if p.isdigit()), -1)
+        records.append(ModuleRecord(
+            name=name, layer=layer, similarity=float(executed.similarities[name]),
+            probability=None if chosen.probabilities is None else chosen.probabilities[i],
+            draw=None if chosen.draws is None else chosen.draws[i], restored=name in restored,
+            density_a=dens[keys[0]], density_b=dens[keys[1]] if len(keys) > 1 else 0.0,
+            changed_a=changed.get(keys[0], 0), changed_b=changed.get(keys[1], 0) if len(keys) > 1 else 0,
+            shape_a=list(shapes[keys[0]]), shape_b=list(shapes[keys[1]]) if len(keys) > 1 else [],
+        ))
+    hashed = hasher.records()
+    input_records: dict[str, Any] = {}
+    for role in ("base", "aligned", "finetuned", "reference", "calibration"):
+        path = inputs.paths[role]
+        if path is None:
+            continue
+        files = [hashed.get(p, {"path": str(p), "size": p.stat().st_size, "sha256": None}) for p in inputs.files(role)]
+        input_records[role] = {"path": str(path), "files": files}
+    meta = calib.meta if calib is not None else {}
+    return Report(
+        inputs=input_records, output=str(out_p), versions=versions(), config=config.to_dict(),
+        preset=asdict(config.preset_spec), modules=records, mode=inputs.mode,
+        counts={"modules": len(inputs.modules), "restored": len(restored),
+                "calibration_samples": len(calib) if calib is not None else 0,
+                "calibration_response_tokens": int(meta.get("response_tokens", 0)),
+                "calibration_truncated": int(meta.get("n_truncated", 0))},
+        bytes_read=int(sum(f["size"] for r in input_records.values() for f in r["files"])),
+        nonfinite=list(nonfinite.found), extra_tensors=list(inputs.extra_records),
+    )

@@ -9,7 +9,11 @@ from typing import Any, Literal
 __all__ = [
     "BACKENDS",
     "CALIB_DTYPES",
+    "EXTRA_TENSORS",
     "METHODS",
+    "MODES",
+    "MODE_METHODS",
+    "SCORE_ON",
     "PRESETS",
     "SELECTIONS",
     "TEMPLATES",
@@ -18,7 +22,15 @@ __all__ = [
     "resolve_preset",
 ]
 
-METHODS = ("low_rank", "wanda", "snip", "pref_snip", "random")
+METHODS = ("low_rank", "wanda", "snip", "pref_snip", "random", "magnitude")
+#: Methods each mode supports. Dense low_rank would need a d_in x d_in Gram and its eigen-decomposition per linear
+#: (28672^2 fp64 = 6.6 GB and ~10^13 flops for one Llama-3-70B down_proj, 80 of them), and dense pref_snip two
+#: models' forwards and a backward per pair: both are refused. LoRA magnitude has no delta to rank.
+MODE_METHODS = {"lora": ("low_rank", "wanda", "snip", "pref_snip", "random"),
+                "dense": ("magnitude", "random", "wanda", "snip")}
+MODES = ("auto", "lora", "dense")
+SCORE_ON = ("delta", "weight")
+EXTRA_TENSORS = ("refuse", "restore", "keep")
 SELECTIONS = ("adaptive", "threshold", "fraction")
 TEMPLATES = ("alpaca", "chat")
 CALIB_DTYPES = ("float32", "bfloat16", "float16")
@@ -115,6 +127,26 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
+#: The largest seed torch.Generator.manual_seed accepts (2**64 - 1).
+SEED_MAX = 2**64 - 1
+
+
+def _check_device_available(name: str, dev: Any) -> None:
+    """Refuse a device this machine does not have (up front, not deep inside a run)."""
+    import torch
+
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: CUDA is not available on this machine (torch {torch.__version__}, "
+                             f"CUDA build {torch.version.cuda}); use device='cpu' (--device cpu)")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {name!r}: this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1}); "
+                             "choose one of them or use device='cpu' (--device cpu)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: MPS is not available on this machine; use device='cpu' (--device cpu)")
+
+
 @dataclass(frozen=True)
 class RealignConfig:
     """Every hyper-parameter of a realign run (defaults: SPEC §8, "Defaults shared by both").
@@ -138,6 +170,14 @@ class RealignConfig:
         calib_dtype: dtype of the calibration forward; None uses the base checkpoint's dtype.
         device: torch device of calibration and ops ("cpu", "cuda", "cuda:1"); None picks cuda if available.
         backend: ops backend ("reference", "cpu", "triton"); None picks the fastest available per op.
+        mode: "lora" (adapters that continued the aligned one), "dense" (full weights, or adapters merged on the
+            fly) or "auto" (lora when the fine-tuned adapter has the aligned adapter's keys and ranks).
+        targets: dense mode: a regex on module names (weight keys without ".weight"); None = the seven projections.
+        score_on: dense mode: score the reference's delta W_e - W_0 ("delta") or W_e itself ("weight").
+        allow_nonfinite: go on when an input holds NaN/Inf (listed in report.json) instead of refusing it.
+        extra_tensors: non-LoRA tensors of the fine-tuned adapter (modules_to_save heads): "refuse" the run,
+            "restore" them from the aligned adapter (or the base), or "keep" them (reported).
+        max_shard_bytes: dense output: tensor bytes per shard (5 GiB, as save_pretrained).
     """
 
     preset: str = "paper"
@@ -158,6 +198,12 @@ class RealignConfig:
     calib_dtype: str | None = None
     device: str | None = None
     backend: str | None = None
+    mode: str = "auto"
+    targets: str | None = None
+    score_on: str = "delta"
+    allow_nonfinite: bool = False
+    extra_tensors: str = "refuse"
+    max_shard_bytes: int = 5 * 2**30
 
     def __post_init__(self) -> None:
         _check_choice("preset", self.preset, tuple(PRESETS))
@@ -187,7 +233,9 @@ class RealignConfig:
             raise ValueError(
                 f"fraction={self.fraction!r} is only used with selection='fraction', got selection={self.selection!r}"
             )
-        _check_int("seed", self.seed, 0)
+        # torch.Generator.manual_seed takes [-2**63, 2**64 - 1]; seeds here are non-negative.
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must be an integer in [0, {SEED_MAX}], got {self.seed!r}")
         _check_int("nsamples", self.nsamples, 1)
         _check_int("max_response_tokens", self.max_response_tokens, 1)
         if not isinstance(self.sequential, bool):
@@ -198,13 +246,25 @@ class RealignConfig:
             _check_choice("calib_dtype", self.calib_dtype, CALIB_DTYPES)
         if self.backend is not None:
             _check_choice("backend", self.backend, BACKENDS)
+        _check_choice("mode", self.mode, MODES)
+        _check_choice("score_on", self.score_on, SCORE_ON)
+        _check_choice("extra_tensors", self.extra_tensors, EXTRA_TENSORS)
+        if self.mode != "auto" and self.method not in MODE_METHODS[self.mode]:
+            raise ValueError(f"method {self.method!r} is not available in {self.mode} mode; choose one of "
+                             f"{list(MODE_METHODS[self.mode])}")
+        if self.targets is not None and not isinstance(self.targets, str):
+            raise ValueError(f"targets must be a regular expression string, got {self.targets!r}")
+        if not isinstance(self.allow_nonfinite, bool):
+            raise ValueError(f"allow_nonfinite must be a bool, got {self.allow_nonfinite!r}")
+        _check_int("max_shard_bytes", self.max_shard_bytes, 1)
         if self.device is not None:
             import torch
 
             try:
-                torch.device(self.device)
+                dev = torch.device(self.device)
             except (RuntimeError, TypeError) as exc:
                 raise ValueError(f"device {self.device!r} is not a torch device: {exc}") from None
+            _check_device_available(self.device, dev)
 
     @property
     def preset_spec(self) -> Preset:

@@ -55,6 +55,10 @@ class Report:
         bytes_read: bytes read from the inputs; bytes_written: bytes of the output folder.
         counts: {"modules": N, "restored": k, "calibration_samples": n, ...}.
         dry_run: True when this is a plan, not a run; plan holds the dry-run plan.
+        mode: "lora" or "dense". In dense mode a module's `_a` fields describe its weight W and its mask; the
+            `_b` fields are empty (density 0, no changes, shape []).
+        nonfinite: the input tensors holding NaN/Inf (file, tensor, count, first index), when allowed.
+        extra_tensors: the non-LoRA tensors of the fine-tuned adapter and what was done with each.
     """
 
     inputs: dict[str, Any] = field(default_factory=dict)
@@ -69,6 +73,9 @@ class Report:
     counts: dict[str, int] = field(default_factory=dict)
     dry_run: bool = False
     plan: dict[str, Any] | None = None
+    mode: str = "lora"
+    nonfinite: list[dict[str, Any]] = field(default_factory=list)
+    extra_tensors: list[dict[str, Any]] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
 
     # -- json ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["TensorInfo", "read_header", "write_safetensors", "DTYPES", "DTYPE_NAMES"]
+__all__ = ["TensorInfo", "header_bytes", "read_header", "write_safetensors", "DTYPES", "DTYPE_NAMES"]
 
 # safetensors dtype tag -> torch dtype (only those this torch build has).
 DTYPES: dict[str, torch.dtype] = {
@@ -62,8 +62,34 @@ class TensorInfo:
         return self.end - self.start
 
 
+_U64 = 2**64 - 1
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _is_u64(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _U64
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse a safetensors header without reading tensor data.
+
+    Checks what the safetensors library checks when it opens the file, so that a header accepted here is one it
+    reads: strict UTF-8 JSON (no NaN, no duplicate keys, no lone surrogates), `__metadata__` a str -> str object,
+    each entry a known dtype, a shape and data_offsets of unsigned integers, byte counts that match, and byte ranges
+    that tile the data section exactly (from 0, in order, no gap, no overlap, nothing after the last tensor). No
+    byte range can then point outside the file.
 
     Args:
         path: a .safetensors file.
@@ -82,36 +108,84 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raise ValueError(f"{path}: not a safetensors file (header length {n} for a file of {size} bytes)")
         raw = f.read(n)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: malformed safetensors header: {e}") from e
+        header = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
+        json.dumps(header, ensure_ascii=False).encode("utf-8")  # a lone surrogate escape is not UTF-8
+    except (UnicodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: malformed safetensors header: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: malformed safetensors header (a {type(header).__name__}, not an object)")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{path}: malformed safetensors header: __metadata__ must map strings to strings, "
+                         f"got {str(metadata)[:200]}")
     data_size = size - 8 - n
     infos: dict[str, TensorInfo] = {}
     for name, entry in header.items():
-        try:
-            tag, shape, (start, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: malformed header entry for tensor {name!r}: {entry!r}") from e
-        if tag not in DTYPES:
+        shape, offsets = (entry.get("shape"), entry.get("data_offsets")) if isinstance(entry, dict) else (None, None)
+        if (not isinstance(entry, dict) or not isinstance(shape, list) or not all(_is_u64(d) for d in shape)
+                or not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_u64(o) for o in offsets)):
+            raise ValueError(f"{path}: malformed header entry for tensor {name!r}: {str(entry)[:200]}; expected "
+                             '{"dtype": tag, "shape": [unsigned ints], "data_offsets": [start, end]}')
+        tag = entry.get("dtype")
+        if not isinstance(tag, str) or tag not in DTYPES:
             raise ValueError(f"{path}: tensor {name!r} has dtype {tag!r}, which this torch build cannot hold")
         dtype = DTYPES[tag]
-        expected = math.prod(shape) * dtype.itemsize
-        if not (0 <= start <= end <= data_size) or end - start != expected:
+        count = 1
+        for d in [*shape, dtype.itemsize]:
+            count *= d
+            if count > _U64:
+                raise ValueError(f"{path}: tensor {name!r} has shape {shape}, whose byte count overflows")
+        start, end = offsets
+        if not (start <= end <= data_size) or end - start != count:
             raise ValueError(
                 f"{path}: tensor {name!r} ({tag}, shape {list(shape)}) has data_offsets [{start}, {end}], "
-                f"expected {expected} bytes within the {data_size}-byte data section"
+                f"expected {count} bytes within the {data_size}-byte data section"
             )
-        infos[name] = TensorInfo(path, dtype, shape, int(start), int(end))
-    infos = dict(sorted(infos.items(), key=lambda kv: kv[1].start))
+        infos[name] = TensorInfo(path, dtype, tuple(shape), start, end)
+    infos = dict(sorted(infos.items(), key=lambda kv: (kv[1].start, kv[1].end)))
+    pos, prev = 0, None
+    for name, info in infos.items():
+        if info.start != pos:
+            after = "the header" if prev is None else f"tensor {prev!r}"
+            what = (f"overlap tensor {prev!r} (which ends at {pos})" if info.start < pos
+                    else f"leave a gap of {info.start - pos} bytes after {after}")
+            raise ValueError(f"{path}: tensor {name!r} has data_offsets [{info.start}, {info.end}], which {what}; "
+                             "tensors must tile the data section in order")
+        pos, prev = info.end, name
+    if pos != data_size:
+        raise ValueError(f"{path}: the data section has {data_size} bytes but the tensors cover only {pos}: "
+                         f"{data_size - pos} bytes after the last tensor (truncated header or appended data)")
     return infos, dict(metadata)
 
 
 def _as_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().to("cpu").contiguous()
     return memoryview(t.reshape(-1).view(torch.uint8).numpy().data)
+
+
+def header_bytes(
+    entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str] | None = None, *,
+    path: Path | None = None,
+) -> bytes:
+    """The JSON header of a safetensors file holding `entries` (name, dtype, shape) in this order, padded so the
+    data section starts 8-byte aligned, as the reference writer does."""
+    header: dict[str, object] = {}
+    meta = {"format": "pt", **(metadata or {})}
+    for k, v in meta.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise ValueError(f"{path}: safetensors metadata must map str to str, got {k!r}: {v!r}")
+    header["__metadata__"] = meta
+    offset = 0
+    for name, dtype, shape in entries:
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {dtype}, which safetensors cannot store")
+        end = offset + math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    return blob + b" " * (-len(blob) % 8)
 
 
 def write_safetensors(
@@ -127,25 +201,10 @@ def write_safetensors(
     Returns:
         The number of bytes written (header included).
     """
-    header: dict[str, object] = {}
-    meta = {"format": "pt", **(metadata or {})}
-    for k, v in meta.items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise ValueError(f"{path}: safetensors metadata must map str to str, got {k!r}: {v!r}")
-    header["__metadata__"] = meta
-    offset = 0
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{path}: value for {name!r} is a {type(t).__name__}, not a torch.Tensor")
-        if t.dtype not in DTYPE_NAMES:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
-        nbytes = t.numel() * t.element_size()
-        end = offset + nbytes
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
-        offset = end
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    # Pad so the data section starts 8-byte aligned, as the reference writer does.
-    blob += b" " * (-len(blob) % 8)
+    blob = header_bytes([(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], metadata, path=Path(path))
     with Path(path).open("wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
@@ -154,4 +213,4 @@ def write_safetensors(
                 f.write(_as_bytes(t))
         f.flush()
         os.fsync(f.fileno())
-    return 8 + len(blob) + offset
+    return 8 + len(blob) + sum(t.numel() * t.element_size() for t in tensors.values())

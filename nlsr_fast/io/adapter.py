@@ -28,6 +28,7 @@ __all__ = [
     "check_compatible",
     "check_adapter_matches_base",
     "get_pattern_key",
+    "module_order_key",
     "write_adapter",
 ]
 
@@ -57,6 +58,16 @@ _VARIANT_FIELDS = (
 )
 
 
+def _is_rank(v: object) -> bool:
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+        v = int(v)
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _is_positive(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
 def get_pattern_key(pattern_keys: Sequence[str], key_to_match: str) -> str:
     """The first pattern key matching `key_to_match` as a dotted suffix (regex), else `key_to_match` itself.
 
@@ -71,9 +82,14 @@ def get_pattern_key(pattern_keys: Sequence[str], key_to_match: str) -> str:
 
 def _layer_of(name: str) -> int | None:
     for part in name.split("."):
-        if part.isdigit():
+        if part.isascii() and part.isdigit() and len(part) < 19:  # not "²", not a 5000-digit number
             return int(part)
     return None
+
+
+def module_order_key(name: str) -> tuple[int, int, int, str]:
+    """Sort key of model order: decoder layer, then PEFT's order of the projections, then the name."""
+    return _order_key(name)
 
 
 def _order_key(name: str) -> tuple[int, int, int, str]:
@@ -145,8 +161,8 @@ class LoraAdapter:
             raise ValueError(f"{folder}: no {ADAPTER_CONFIG}; not a PEFT adapter folder")
         try:
             config = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{cfg_path}: malformed JSON: {e}") from e
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{cfg_path}: malformed JSON: {type(e).__name__}: {str(e)[:200]}") from None
         if not isinstance(config, dict):
             raise ValueError(f"{cfg_path}: expected a JSON object, got {type(config).__name__}")
         st, binf = folder / ADAPTER_SAFETENSORS, folder / ADAPTER_BIN
@@ -182,12 +198,26 @@ class LoraAdapter:
         init = cfg.get("init_lora_weights")
         if isinstance(init, str) and init.lower().startswith("mica"):
             raise NotImplementedError(f"{path}: LoRA variant init_lora_weights={init!r} (MiCA) is not supported")
-        for field in ("r", "lora_alpha"):
-            if not isinstance(cfg.get(field), (int, float)) or isinstance(cfg.get(field), bool) or cfg[field] <= 0:
-                raise ValueError(f"{path}: {field} must be a positive number, got {cfg.get(field)!r}")
-        for field in ("rank_pattern", "alpha_pattern"):
-            if not isinstance(cfg.get(field) or {}, dict):
+        if not _is_rank(cfg.get("r")):
+            raise ValueError(f"{path}: r must be a positive integer, got {cfg.get('r')!r}")
+        if not _is_positive(cfg.get("lora_alpha")):
+            raise ValueError(f"{path}: lora_alpha must be a positive finite number, got {cfg.get('lora_alpha')!r}")
+        for field, ok, what in (("rank_pattern", _is_rank, "positive integers"),
+                                ("alpha_pattern", _is_positive, "positive finite numbers")):
+            pattern = cfg.get(field) or {}
+            if not isinstance(pattern, dict):
                 raise ValueError(f"{path}: {field} must be an object, got {cfg.get(field)!r}")
+            for key, value in pattern.items():
+                if not ok(value):
+                    raise ValueError(f"{path}: {field}[{key!r}] must be {what[:-1]}, got {value!r}")
+                try:
+                    re.compile(rf"(.*\.)?({key})$")
+                except (re.error, RecursionError, OverflowError) as e:
+                    raise ValueError(f"{path}: {field} key {key!r} is not a valid regular expression: {e}") from None
+        targets = cfg.get("target_modules")
+        if not (targets is None or isinstance(targets, str)
+                or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+            raise ValueError(f"{path}: target_modules must be a string or a list of strings, got {targets!r}")
 
     def _build(self) -> None:
         pairs: dict[str, dict[str, str]] = {}
@@ -246,6 +276,9 @@ class LoraAdapter:
                     f"r = {r} from {ADAPTER_CONFIG} (r / rank_pattern)"
                 )
             scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+            if not (math.isfinite(scale) and scale > 0):
+                raise ValueError(f"{self.folder / ADAPTER_CONFIG}: module {module!r}: scale lora_alpha / r = {scale} "
+                                 f"(alpha {alpha}, r {r}) is not a positive finite number")
             self._modules[module] = LoraModule(module, slot["A"], slot["B"], r, d_in, d_out, scale, transposed)
 
     @property
@@ -313,6 +346,15 @@ class LoraAdapter:
     def raw_dtype(self, key: str) -> torch.dtype:
         """Stored dtype of raw tensor `key` (header only)."""
         return self._info(key).dtype
+
+    def raw_info(self, key: str) -> TensorInfo:
+        """Header record (file, dtype, shape, byte range) of raw tensor `key`."""
+        return self._info(key)
+
+    @property
+    def is_pickle(self) -> bool:
+        """Whether the weights came from a pickle (held in memory) rather than a safetensors file."""
+        return self._tensors is not None
 
     def _info(self, key: str) -> TensorInfo:
         try:

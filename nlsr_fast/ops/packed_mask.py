@@ -139,7 +139,9 @@ def _popcount_bytes(bits: torch.Tensor) -> torch.Tensor:
     x = (x & 0x33) + ((x >> 2) & 0x33)
     return (x + (x >> 4)) & 0x0F
 
-_META_KEY = "nlsr_fast.packed_mask.shapes"
+#: Metadata key of a masks file: JSON {mask name: logical shape}.
+MASK_SHAPES_KEY = "nlsr_fast.packed_mask.shapes"
+_META_KEY = MASK_SHAPES_KEY
 
 
 def save_masks(path: str | os.PathLike[str], masks: Mapping[str, PackedMask]) -> None:

@@ -72,6 +72,8 @@ def make_plan(
     calibration: dict[str, Any] | None,
     device: str,
     paths: dict[str, str | None],
+    mode: str = "lora",
+    modules: list[str] | None = None,
 ) -> dict[str, Any]:
     """The dry-run plan.
 
@@ -86,11 +88,17 @@ def make_plan(
     Returns:
         A JSON-able dict: modules (name, layer, rank, shapes), counts, calibration, memory and time estimates.
     """
-    modules = []
-    for name in finetuned.modules:
+    records = []
+    for name in (finetuned.modules if modules is None else modules):
+        layer = next((int(p) for p in name.split(".") if p.isdigit()), None)
+        if mode == "dense":
+            shape = list(finetuned.shape(f"{name}.weight"))
+            records.append({"name": name, "layer": layer, "rank": None, "shape_a": shape, "shape_b": []})
+            continue
         m = finetuned.module(name)
-        modules.append({"name": name, "layer": finetuned.layer_of(name), "rank": m.rank,
+        records.append({"name": name, "layer": layer, "rank": m.rank,
                         "shape_a": [m.rank, m.d_in], "shape_b": [m.d_out, m.rank]})
+    modules_out = records
     layer_bytes = _layer_bytes(base)
     largest = max(layer_bytes.values(), default=0)
     hidden = int(base.config.get("hidden_size", 0) or 0)
@@ -108,14 +116,15 @@ def make_plan(
         passes = 1.0 if needs_calib else 0.0
     flops = 2.0 * n_params * tokens * passes
     dev = "cuda" if device.startswith("cuda") else "cpu"
-    adapter_bytes = int(finetuned.nbytes)
+    adapter_bytes = int(finetuned.nbytes) if mode == "lora" else 0
     return {
         "paths": paths,
         "config": config.to_dict(),
         "device": device,
         "reference": "given" if reference_given else f"amplified aligned adapter ({config.preset} preset)",
-        "modules": modules,
-        "counts": {"modules": len(modules), "layers": len(layer_bytes), "base_tensors": len(base.keys())},
+        "mode": mode,
+        "modules": modules_out,
+        "counts": {"modules": len(modules_out), "layers": len(layer_bytes), "base_tensors": len(base.keys())},
         "calibration": calibration,
         "estimate": {
             "peak_memory_bytes": int(largest + 3 * adapter_bytes + activations),
@@ -149,7 +158,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         if m is None:
             lines.append("  ...")
             continue
-        lines.append(f"  {m['name']:<50} layer {m['layer']:>3}  r={m['rank']:<4} A {tuple(m['shape_a'])} "
+        lines.append(f"  {m['name']:<50} layer {m['layer']:>3}  r={str(m['rank']):<4} A {tuple(m['shape_a'])} "
                      f"B {tuple(m['shape_b'])}")
     cal = plan.get("calibration")
     if cal:

@@ -49,10 +49,10 @@ def _wanda_masks(
 
 
 def _random_masks(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], sparsity: float, seed: int,
-                  backend: str | None) -> Masks:
+                  backend: str | None, generator: torch.Generator | None = None) -> Masks:
     # row_topk_mask ranks |score|; the |.| of i.i.d. standard normals is i.i.d. too, so each row keeps a uniformly
     # random subset of the right size, exactly as ranking the normals themselves would.
-    gen = torch.Generator("cpu").manual_seed(int(seed))
+    gen = generator if generator is not None else torch.Generator("cpu").manual_seed(int(seed))
     keep = 1.0 - sparsity
     out: Masks = {}
     for name, (a, b) in factors.items():
@@ -71,6 +71,7 @@ def masks_from_statistics(
     grads: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     seed: int = 42,
     backend: str | None = None,
+    generator: torch.Generator | None = None,
 ) -> Masks:
     """Masks of every module from its calibration statistics.
 
@@ -83,6 +84,8 @@ def masks_from_statistics(
         grads: {module: (sum|dL/dA| (r, d_in), sum|dL/dB| (d_out, r))} for snip / pref_snip.
         seed: seed of the `random` scores (drawn per module in model order, A then B).
         backend: ops backend; None picks the fastest available.
+        generator: for `random`, a CPU generator to draw from instead of a fresh one seeded with `seed` (a caller
+            that streams modules one at a time passes the same generator for each, in model order).
     Returns:
         {module: (mask_A, mask_B)} in ref_factors' order.
     """
@@ -90,7 +93,7 @@ def masks_from_statistics(
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     preset = resolve_preset(preset)
     if method == "random":
-        return _random_masks(ref_factors, sparsity, seed, backend)
+        return _random_masks(ref_factors, sparsity, seed, backend, generator)
     source: Mapping[str, Any] | None = stats if method in STATISTICS_METHODS else grads
     if source is None:
         need = "stats" if method in STATISTICS_METHODS else "grads"

@@ -13,8 +13,8 @@ import torch
 
 from nlsr_fast.ops import PackedMask, save_masks
 
-__all__ = ["MASKS_FILE", "REPORT_FILE", "PLOT_FILE", "CARD_FILE", "folder_bytes", "mask_tensors", "output_tensors",
-           "write_card", "write_masks"]
+__all__ = ["MASKS_FILE", "REPORT_FILE", "PLOT_FILE", "CARD_FILE", "MasksFile", "folder_bytes", "mask_tensors",
+           "output_tensors", "write_card", "write_masks"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,49 @@ def mask_tensors(masks: Mapping[str, tuple[PackedMask, PackedMask]]) -> dict[str
 def write_masks(path: str | os.PathLike[str], masks: Mapping[str, tuple[PackedMask, PackedMask]]) -> None:
     """masks.safetensors: the reference masks, 1 bit per entry (nlsr_fast.ops.load_masks reads them back)."""
     save_masks(path, mask_tensors(masks))
+
+
+class MasksFile:
+    """masks.safetensors written mask by mask as pass 1 makes them, and read back one module at a time in pass 2.
+
+    Its layout is planned from the mask shapes, so the file equals what `save_masks` writes for the same masks
+    (names sorted, same metadata) whatever order, or process, writes them.
+
+    Args:
+        path: the file.
+        shapes: {mask name: logical shape}.
+        create: plan and size the file (False: open one another process created).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], shapes: Mapping[str, tuple[int, ...]], *,
+                 create: bool = True) -> None:
+        import json
+
+        from nlsr_fast.io.stream import PlannedSafetensors
+        from nlsr_fast.ops.packed_mask import MASK_SHAPES_KEY
+
+        self.path = Path(path)
+        self.shapes = {k: tuple(v) for k, v in shapes.items()}
+        names = sorted(self.shapes)
+        plan = [(n, torch.uint8, PackedMask.empty(self.shapes[n], "meta").bits.shape) for n in names]
+        meta = {MASK_SHAPES_KEY: json.dumps({n: list(self.shapes[n]) for n in names}, sort_keys=True)}
+        self._file = PlannedSafetensors(self.path, plan, meta, create=create)
+        self._infos: dict[str, Any] | None = None
+
+    def write(self, name: str, mask: PackedMask) -> None:
+        self._file.write(name, mask.bits)
+
+    def read(self, names: list[str]) -> dict[str, PackedMask]:
+        """The masks `names`, read into private memory (no mapping of the whole file is kept)."""
+        from nlsr_fast.io import read_header
+        from nlsr_fast.io.stream import read_tensor
+
+        if self._infos is None:
+            self._infos = read_header(self.path)[0]
+        return {n: PackedMask(read_tensor(self._infos[n]), self.shapes[n]) for n in names}
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def write_card(path: str | os.PathLike[str], *, base_model: str | None, report: Any) -> None:

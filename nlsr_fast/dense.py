@@ -1,0 +1,299 @@
+"""Dense space: the executor's view of realignment on full checkpoints (SPEC §2-§6, dense mode).
+
+A module is one target linear weight W (d_out, d_in). Each of `aligned` and `finetuned` is a full checkpoint or
+a PEFT LoRA adapter on `base`, merged tensor by tensor on the fly (in fp32 with the adapter's scale, rounded once
+to the base's dtype, exactly what a merged checkpoint saved in that dtype holds). The reference is
+W_e = (1+alpha) W_a - alpha W_0 (fp32), or a ready reference checkpoint. Scores are taken on the delta
+W_e - W_0 (or on W_e with score_on="weight"); similarity is cos(M*(W_t - W_0), M*(W_e - W_0)); restoration sets
+the masked entries of W_t to W_e. The output is a Hugging Face checkpoint with the fine-tuned model's names and
+dtypes, written through planned, size-capped shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import shutil
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from nlsr_fast.io import CheckpointReader, LoraAdapter
+from nlsr_fast.io.checkpoint import SAFE_INDEX, SAFE_SINGLE
+from nlsr_fast.io.finite import NonFinite
+from nlsr_fast.io.stream import PlannedSafetensors, read_tensor
+from nlsr_fast.ops import PackedMask, extrapolate, masked_delta_cosine, masked_restore, row_topk_mask
+from nlsr_fast.pipeline.restore import changed_entries
+
+__all__ = ["DEFAULT_TARGETS", "DenseInput", "DenseOutput", "DenseSpace", "dense_targets", "copy_model_files"]
+
+log = logging.getLogger(__name__)
+
+#: The seven projections of a Llama-family decoder layer (a regex on module names, i.e. weight keys without
+#: ".weight").
+DEFAULT_TARGETS = r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+#: Methods dense mode scores without calibration data, and with it (wanda: activations; snip: gradients).
+DENSE_METHODS = ("magnitude", "random", "wanda", "snip")
+# Files of a model folder copied to the output besides the weights.
+_MODEL_FILES = re.compile(r"^(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|vocab\..*|"
+                          r"merges\.txt|chat_template\..*|added_tokens\.json)$")
+
+
+class DenseInput:
+    """A model given as a full checkpoint, or as a PEFT LoRA adapter on the base (merged on the fly).
+
+    Args:
+        role: "aligned", "finetuned" or "reference", for messages.
+        source: the checkpoint reader or the adapter.
+        base: the base checkpoint (adapters are merged into it).
+        nonfinite: the non-finite policy, applied to every tensor read.
+    """
+
+    def __init__(self, role: str, source: CheckpointReader | LoraAdapter, base: CheckpointReader,
+                 nonfinite: NonFinite) -> None:
+        self.role, self.source, self.base, self.nonfinite = role, source, base, nonfinite
+        self.adapter = source if isinstance(source, LoraAdapter) else None
+        self.folder: Path = source.folder
+
+    @property
+    def files(self) -> list[Path]:
+        return list(self.source.files)
+
+    def keys(self) -> list[str]:
+        return self.base.keys() if self.adapter is not None else self.source.keys()  # type: ignore[union-attr]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.base if self.adapter is not None else key in self.source  # type: ignore[operator]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.base.dtype(key) if self.adapter is not None else self.source.dtype(key)  # type: ignore[union-attr]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.base.shape(key) if self.adapter is not None else self.source.shape(key)  # type: ignore[union-attr]
+
+    def read(self, key: str, base_value: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor `key` of this model (merged when an adapter adapts it); `base_value` saves re-reading the base."""
+        if self.adapter is None:
+            reader: CheckpointReader = self.source  # type: ignore[assignment]
+            t = read_tensor(reader.info(key))
+            self.nonfinite.check(t, file=reader.file_of(key), tensor=key)
+            return t
+        w0 = base_value if base_value is not None else read_base(self.base, key, self.nonfinite)
+        name = key[: -len(".weight")] if key.endswith(".weight") else None
+        if name is None or name not in self.adapter:
+            return w0
+        from nlsr_fast.lora import read_raw
+
+        m = self.adapter.module(name)
+        a = read_raw(self.adapter, m.key_a, self.nonfinite).float()
+        b = read_raw(self.adapter, m.key_b, self.nonfinite).float()
+        if m.transposed:
+            a, b = a.t(), b.t()
+        delta = (b @ a) * m.scale
+        if self.adapter.fan_in_fan_out:
+            delta = delta.t()
+        return (w0.float() + delta).to(w0.dtype)
+
+
+def read_base(base: CheckpointReader, key: str, nonfinite: NonFinite) -> torch.Tensor:
+    t = read_tensor(base.info(key))
+    nonfinite.check(t, file=base.file_of(key), tensor=key)
+    return t
+
+
+def dense_targets(model: DenseInput, pattern: str) -> list[str]:
+    """Module names (weight keys without ".weight") of the 2-D float weights whose name matches `pattern`."""
+    from nlsr_fast.io.adapter import module_order_key
+
+    try:
+        rx = re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"targets {pattern!r} is not a valid regular expression: {exc}") from None
+    names = [k[: -len(".weight")] for k in model.keys()
+             if k.endswith(".weight") and rx.search(k[: -len(".weight")]) and len(model.shape(k)) == 2
+             and model.dtype(k).is_floating_point]
+    if not names:
+        raise ValueError(f"{model.folder}: no 2-D float weight matches targets {pattern!r}")
+    return sorted(names, key=module_order_key)
+
+
+class DenseModule(NamedTuple):
+    w_t: torch.Tensor  # fine-tuned weight, output dtype
+    w_e: torch.Tensor  # reference weight, fp32
+    w_0: torch.Tensor  # base weight, stored dtype
+
+
+class DenseOutput:
+    """The output checkpoint: size-capped shards planned from the tensor list, written slot by slot.
+
+    Shards are named like `save_pretrained` names them (`model-00001-of-00003.safetensors`, or `model.safetensors`
+    for one shard); `finish` writes `model.safetensors.index.json` when there are several.
+    """
+
+    def __init__(self, folder: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]], *, max_shard_bytes: int,
+                 metadata: dict[str, str], create: bool = True) -> None:
+        groups: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+        size = 0
+        for entry in plan:
+            nbytes = math.prod(entry[2]) * entry[1].itemsize
+            if groups[-1] and size + nbytes > max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(entry)
+            size += nbytes
+        n = len(groups)
+        self.names = [SAFE_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.folder = folder
+        self.total_size = sum(math.prod(s) * d.itemsize for _, d, s in plan)
+        self._files = [PlannedSafetensors(folder / name, group, metadata, create=create)
+                       for name, group in zip(self.names, groups, strict=True)]
+        self._where = {key: i for i, group in enumerate(groups) for key, _, _ in group}
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        self._files[self._where[key]].write(key, tensor)
+
+    def finish(self) -> None:
+        """Close the shards and write the index (several shards only)."""
+        for f in self._files:
+            f.close()
+        if len(self.names) > 1:
+            index = {"metadata": {"total_size": self.total_size},
+                     "weight_map": {k: self.names[i] for k, i in sorted(self._where.items())}}
+            (self.folder / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+class DenseSpace:
+    """Target linears of a fine-tuned model against a reference made from the aligned model (or given).
+
+    Args:
+        base, aligned, finetuned: the three models (aligned is None when `reference` is given).
+        reference: a ready reference checkpoint, or None to amplify `aligned` with `alpha`.
+        targets: module names in model order.
+        method: magnitude | random | wanda | snip (wanda and snip come with `stats` or precomputed masks).
+        score_on: "delta" (W_e - W_0) or "weight" (W_e).
+        sparsity, alpha, seed, backend, device: as in RealignConfig.
+        out: the output checkpoint (None for scoring only).
+        wanda_scale: {module: (d_in,) column factor sqrt(mean x^2)} for wanda.
+    """
+
+    def __init__(self, base: CheckpointReader, aligned: DenseInput | None, finetuned: DenseInput,
+                 reference: DenseInput | None, *, targets: list[str], method: str, score_on: str, sparsity: float,
+                 alpha: float, seed: int, backend: str | None, device: torch.device, nonfinite: NonFinite,
+                 out: DenseOutput | None = None, wanda_scale: dict[str, torch.Tensor] | None = None,
+                 rest: dict[str, tuple[str, torch.Tensor | None]] | None = None) -> None:
+        self.base, self.aligned, self.ft, self.reference = base, aligned, finetuned, reference
+        self.modules = targets
+        self.method, self.score_on = method, score_on
+        self.sparsity, self.alpha, self.seed = sparsity, alpha, seed
+        self.backend, self.device, self.nonfinite = backend, device, nonfinite
+        self.out = out
+        self.wanda_scale = wanda_scale or {}
+        self.rest = rest or {}
+
+    def mask_keys(self, name: str) -> tuple[str]:
+        return (name,)
+
+    def reference_weight(self, key: str, w_0: torch.Tensor) -> torch.Tensor:
+        """W_e (fp32) of weight `key`."""
+        if self.reference is not None:
+            return self.reference.read(key, w_0).float()
+        assert self.aligned is not None
+        w_a = self.aligned.read(key, w_0)
+        return extrapolate(w_a, w_0, self.alpha, out=torch.empty(w_a.shape, dtype=torch.float32),
+                           backend=self.backend)
+
+    def load(self, name: str) -> DenseModule:
+        key = f"{name}.weight"
+        w_0 = read_base(self.base, key, self.nonfinite)
+        w_t = self.ft.read(key, w_0)
+        w_e = self.reference_weight(key, w_0)
+        return DenseModule(w_t.to(self.device), w_e.to(self.device), w_0.to(self.device))
+
+    def score_tensor(self, loaded: DenseModule) -> torch.Tensor:
+        """What the scores rank: the reference's delta W_e - W_0 (default) or W_e itself."""
+        return loaded.w_e - loaded.w_0 if self.score_on == "delta" else loaded.w_e
+
+    def masks(self, name: str, loaded: DenseModule) -> dict[str, PackedMask]:
+        keep = 1.0 - self.sparsity
+        if self.method == "random":
+            draws = torch.randn(tuple(loaded.w_e.shape), generator=module_generator(self.seed, name))
+            return {name: row_topk_mask(draws.to(self.device), keep, backend=self.backend)}
+        scores = self.score_tensor(loaded)
+        if self.method == "magnitude":
+            return {name: row_topk_mask(scores, keep, backend=self.backend)}
+        if self.method == "wanda":
+            scale = self.wanda_scale[name].to(device=self.device, dtype=torch.float32)
+            return {name: row_topk_mask(scores, keep, col_scale=scale, backend=self.backend)}
+        raise AssertionError(f"masks of method {self.method!r} are computed by calibration before pass 1")
+
+    def similarity(self, name: str, loaded: DenseModule, masks: dict[str, PackedMask]) -> float:
+        return masked_delta_cosine(loaded.w_t, loaded.w_e, masks[name].to(self.device), base=loaded.w_0, name=name,
+                                   backend=self.backend)
+
+    def write_finetuned(self, name: str, loaded: DenseModule) -> None:
+        if self.out is not None:
+            self.out.write(f"{name}.weight", loaded.w_t)
+
+    def restore(self, name: str, loaded: DenseModule, masks: dict[str, PackedMask]) -> dict[str, int]:
+        new = masked_restore(loaded.w_t, loaded.w_e.to(loaded.w_t.dtype), masks[name].to(self.device),
+                             backend=self.backend)
+        if self.out is not None:
+            self.out.write(f"{name}.weight", new)
+        return {name: changed_entries(loaded.w_t, new)}
+
+    def copy_rest(self) -> None:
+        """Every output tensor that is not a target, bit-exact from the fine-tuned model (or as its policy says)."""
+        assert self.out is not None
+        targets = {f"{n}.weight" for n in self.modules}
+        for key in self.ft.keys():
+            if key in targets:
+                continue
+            action, replacement = self.rest.get(key, ("copy", None))
+            self.out.write(key, replacement if replacement is not None else self.ft.read(key))
+
+
+class ReferenceReader:
+    """The reference model seen as a checkpoint reader, for the calibration engine: W_e (in the base's dtype) for
+    the targets, the base's tensors elsewhere. Only the reader protocol the engine uses (config, keys, dtype,
+    get, get_many)."""
+
+    def __init__(self, space: DenseSpace) -> None:
+        self.space, self.base = space, space.base
+        self.config = space.base.config
+        self._targets = {f"{n}.weight" for n in space.modules}
+
+    def keys(self) -> list[str]:
+        return self.base.keys()
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.base.dtype(key)
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self._targets:
+            return self.base.get(key)
+        w_0 = read_base(self.base, key, self.space.nonfinite)
+        return self.space.reference_weight(key, w_0).to(w_0.dtype)
+
+    def get_many(self, keys: Any) -> dict[str, torch.Tensor]:
+        return {k: self.get(k) for k in keys}
+
+
+def module_generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator for module `name`'s random scores: seeded from (seed, name), so any process can draw any
+    module's scores in any order."""
+    digest = hashlib.sha256(f"{int(seed)}:{name}".encode()).digest()
+    return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def copy_model_files(src: Path, dst: Path) -> list[str]:
+    """Copy config, generation config and tokenizer files of a model folder; returns the names copied."""
+    copied = []
+    for p in sorted(src.iterdir()):
+        if p.is_file() and not p.is_symlink() and _MODEL_FILES.match(p.name):
+            shutil.copyfile(p, dst / p.name)
+            copied.append(p.name)
+    return copied

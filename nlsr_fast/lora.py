@@ -1,0 +1,212 @@
+"""LoRA space: the executor's view of realignment on PEFT adapters (SPEC §2-§6, LoRA mode).
+
+A module is one adapted linear; its tensors are the fine-tuned factors (A_t, B_t) and the reference factors
+(A_e, B_e), the amplified aligned adapter or a ready reference adapter. Every stage is the in-memory stage
+function (nlsr_fast.pipeline) called on a one-module dict, so streaming and in-memory runs share one code path.
+The output adapter is planned from the fine-tuned adapter's header and written slot by slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, NamedTuple
+
+import torch
+
+from nlsr_fast.config import Preset
+from nlsr_fast.io import LoraAdapter
+from nlsr_fast.io.finite import NonFinite
+from nlsr_fast.io.stream import PlannedSafetensors, read_tensor
+from nlsr_fast.ops import PackedMask
+from nlsr_fast.pipeline.amplify import amplify
+from nlsr_fast.pipeline.restore import changed_entries, restore
+from nlsr_fast.pipeline.score import masks_from_statistics
+from nlsr_fast.pipeline.similarity import similarity
+
+__all__ = ["EXTRA_POLICIES", "LoraSpace", "base_key_of_extra", "lora_mask_keys", "read_raw"]
+
+log = logging.getLogger(__name__)
+
+#: What happens to a non-LoRA tensor of the fine-tuned adapter (a `modules_to_save` head, say).
+EXTRA_POLICIES = ("refuse", "restore", "keep")
+
+_SAVED_WRAPPER = re.compile(r"\.(modules_to_save|original_module)(\.[^.]+)?(?=\.)")
+
+
+class LoraModuleTensors(NamedTuple):
+    raw_t: tuple[torch.Tensor, torch.Tensor]  # A, B as stored in the fine-tuned file (orientation kept)
+    ft: tuple[torch.Tensor, torch.Tensor]  # A_t (r, d_in), B_t (d_out, r), stored dtype, on the device
+    ref: tuple[torch.Tensor, torch.Tensor]  # A_e, B_e fp32 on the device
+
+
+def lora_mask_keys(name: str) -> tuple[str, str]:
+    """Keys of a module's masks in masks.safetensors."""
+    return f"{name}.lora_A", f"{name}.lora_B"
+
+
+def read_raw(adapter: LoraAdapter, key: str, nonfinite: NonFinite | None = None) -> torch.Tensor:
+    """One stored tensor of an adapter, read into private memory and checked by the non-finite policy."""
+    t = adapter.raw(key).clone() if adapter.is_pickle else read_tensor(adapter.raw_info(key))
+    if nonfinite is not None:
+        nonfinite.check(t, file=adapter.weights_file, tensor=key)
+    return t
+
+
+def base_key_of_extra(key: str) -> str:
+    """The base checkpoint's name of a non-LoRA adapter tensor (PEFT's prefix and modules_to_save wrapper off)."""
+    name = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+    return _SAVED_WRAPPER.sub("", name)
+
+
+class LoraSpace:
+    """Modules of a fine-tuned adapter against a reference made from the aligned (or a given reference) adapter.
+
+    Args:
+        ft: the fine-tuned adapter.
+        source: the aligned adapter (amplified here) or, with `amplify_alpha=None`, a ready reference adapter.
+        preset: the run's preset.
+        amplify_alpha: alpha of the amplification, or None when `source` is the reference itself.
+        method: the score method; `random` masks are drawn here, the others come precomputed.
+        sparsity, seed, backend, device: as in RealignConfig.
+        nonfinite: the non-finite policy applied to every tensor read.
+        out: the planned adapter_model.safetensors of the output (None for scoring only).
+        extras: {raw key: (action, replacement tensor or None)} for the non-LoRA tensors (see `plan_extras`).
+    """
+
+    def __init__(self, ft: LoraAdapter, source: LoraAdapter, *, preset: Preset, amplify_alpha: float | None,
+                 method: str, sparsity: float, seed: int, backend: str | None, device: torch.device,
+                 nonfinite: NonFinite, out: PlannedSafetensors | None = None,
+                 extras: dict[str, tuple[str, torch.Tensor | None]] | None = None) -> None:
+        self.ft, self.source, self.preset = ft, source, preset
+        self.amplify_alpha = amplify_alpha
+        self.method, self.sparsity, self.seed = method, sparsity, seed
+        self.backend, self.device = backend, device
+        self.nonfinite = nonfinite
+        self.out = out
+        self.extras = extras or {}
+        self.modules: list[str] = ft.modules
+        self._generator = torch.Generator("cpu").manual_seed(int(seed))
+        self._drawn = 0  # modules whose random scores were drawn (model order)
+
+    def mask_keys(self, name: str) -> tuple[str, str]:
+        return lora_mask_keys(name)
+
+    # -- inputs ---------------------------------------------------------------------------------------------------
+    def reference(self, name: str, raw: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A_e, B_e (fp32, on the device) from the source's stored factors of `name`."""
+        a, b = self._oriented(self.source, name, raw)
+        a, b = a.to(self.device), b.to(self.device)
+        if self.amplify_alpha is None:
+            return a.float(), b.float()
+        return amplify({name: (a, b)}, self.amplify_alpha, self.preset)[name]
+
+    def load_reference(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        src = self.source.module(name)
+        return self.reference(name, (read_raw(self.source, src.key_a, self.nonfinite),
+                                     read_raw(self.source, src.key_b, self.nonfinite)))
+
+    def load(self, name: str) -> LoraModuleTensors:
+        m = self.ft.module(name)
+        raw_t = (read_raw(self.ft, m.key_a, self.nonfinite), read_raw(self.ft, m.key_b, self.nonfinite))
+        a_t, b_t = self._oriented(self.ft, name, raw_t)
+        return LoraModuleTensors(raw_t, (a_t.to(self.device), b_t.to(self.device)), self.load_reference(name))
+
+    @staticmethod
+    def _oriented(adapter: LoraAdapter, name: str, raw: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor,
+                                                                                                  torch.Tensor]:
+        a, b = raw
+        return (a.t(), b.t()) if adapter.module(name).transposed else (a, b)
+
+    # -- stages ---------------------------------------------------------------------------------------------------
+    def masks(self, name: str, loaded: LoraModuleTensors) -> dict[str, PackedMask]:
+        if self.method != "random":
+            raise AssertionError(f"masks of method {self.method!r} are computed by calibration before pass 1")
+        # One generator in model order, as the in-memory `score` draws: modules another process owns are drawn
+        # too (and dropped), so every process sees the same stream.
+        index = self.modules.index(name)
+        while self._drawn < index:
+            skipped = self.ft.module(self.modules[self._drawn])
+            torch.randn((skipped.rank, skipped.d_in), generator=self._generator)
+            torch.randn((skipped.d_out, skipped.rank), generator=self._generator)
+            self._drawn += 1
+        got = masks_from_statistics("random", {name: loaded.ref}, sparsity=self.sparsity, preset=self.preset,
+                                    backend=self.backend, generator=self._generator)[name]
+        self._drawn = index + 1
+        return dict(zip(lora_mask_keys(name), got, strict=True))
+
+    def similarity(self, name: str, loaded: LoraModuleTensors, masks: dict[str, PackedMask]) -> float:
+        key_a, key_b = lora_mask_keys(name)
+        return similarity({name: loaded.ft}, {name: loaded.ref}, {name: (masks[key_a], masks[key_b])},
+                          backend=self.backend)[name]
+
+    def write_finetuned(self, name: str, loaded: LoraModuleTensors) -> None:
+        if self.out is not None:
+            m = self.ft.module(name)
+            self.out.write(m.key_a, loaded.raw_t[0])
+            self.out.write(m.key_b, loaded.raw_t[1])
+
+    def restore(self, name: str, loaded: LoraModuleTensors, masks: dict[str, PackedMask]) -> dict[str, int]:
+        key_a, key_b = lora_mask_keys(name)
+        new_a, new_b = restore({name: loaded.ft}, {name: loaded.ref}, {name: (masks[key_a], masks[key_b])}, {name},
+                               backend=self.backend)[name]
+        if self.out is not None:
+            for key, t in self.ft.to_raw(name, new_a.cpu(), new_b.cpu()).items():
+                self.out.write(key, t)
+        return {key_a: changed_entries(loaded.ft[0], new_a), key_b: changed_entries(loaded.ft[1], new_b)}
+
+    def copy_rest(self) -> None:
+        """The non-LoRA tensors, as their policy says (`refuse` never gets here)."""
+        assert self.out is not None
+        for key, (_action, replacement) in self.extras.items():
+            self.out.write(key, replacement if replacement is not None else read_raw(self.ft, key, self.nonfinite))
+
+
+def plan_extras(ft: LoraAdapter, aligned: LoraAdapter, base: Any, policy: str,
+                nonfinite: NonFinite) -> tuple[dict[str, tuple[str, torch.Tensor | None]], list[dict[str, Any]]]:
+    """What to do with each non-LoRA tensor of the fine-tuned adapter, decided before any computation.
+
+    `refuse` raises naming them; `keep` copies them (reported); `restore` replaces each with the aligned adapter's
+    copy, or the base model's tensor when the aligned adapter has none (a head trained by the fine-tune is where
+    an attacker can hide, so it goes back to the safety model's).
+
+    Returns:
+        ({raw key: (action, replacement or None)}, report records).
+    """
+    if policy not in EXTRA_POLICIES:
+        raise ValueError(f"extra_tensors must be one of {list(EXTRA_POLICIES)}, got {policy!r}")
+    keys = list(ft.extra_keys)
+    if not keys:
+        return {}, []
+    if policy == "refuse":
+        raise ValueError(
+            f"{ft.weights_file}: {len(keys)} non-LoRA tensor(s) (modules_to_save heads or others) would pass "
+            f"realignment unchanged: {keys[:4]}. Choose --extra-tensors restore (replace them with the aligned "
+            "adapter's or the base model's copy) or --extra-tensors keep (copy them, listed in report.json)"
+        )
+    plan: dict[str, tuple[str, torch.Tensor | None]] = {}
+    records = []
+    for key in keys:
+        shape, dtype = tuple(ft.raw_shape(key)), ft.raw_dtype(key)
+        if policy == "keep":
+            log.warning("%s: non-LoRA tensor %r kept from the fine-tuned adapter (--extra-tensors keep)",
+                        ft.weights_file, key)
+            plan[key] = ("keep", None)
+            records.append({"tensor": key, "action": "kept from the fine-tuned adapter", "source": str(ft.folder)})
+            continue
+        if key in aligned.extra_keys:
+            src, where = read_raw(aligned, key, nonfinite), str(aligned.folder)
+        else:
+            base_key = base_key_of_extra(key)
+            if base_key not in base:
+                raise ValueError(f"{ft.weights_file}: non-LoRA tensor {key!r} has no copy in the aligned adapter "
+                                 f"{aligned.folder} nor a tensor {base_key!r} in the base {base.folder}; it cannot "
+                                 "be restored (use --extra-tensors keep to copy it, or remove it)")
+            src, where = read_tensor(base.info(base_key)), f"{base.folder}:{base_key}"
+            nonfinite.check(src, file=base.file_of(base_key), tensor=base_key)
+        if tuple(src.shape) != shape:
+            raise ValueError(f"{ft.weights_file}: non-LoRA tensor {key!r} has shape {list(shape)}, but its "
+                             f"replacement {where} has shape {list(src.shape)}")
+        plan[key] = ("restore", src.to(dtype))
+        records.append({"tensor": key, "action": "replaced by the safety model's copy", "source": where})
+    return plan, records
