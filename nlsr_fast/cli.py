@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import inspect
 import logging
 import subprocess
 import sys
@@ -19,8 +21,10 @@ __all__ = ["build_parser", "load_yaml_options", "main"]
 
 log = logging.getLogger("nlsr_fast.cli")
 
-#: Keys a --config YAML file may set besides the RealignConfig fields.
-_EXTRA_KEYS = ("calibration", "reference")
+#: Keys a --config YAML file may set besides the RealignConfig fields: input paths, then run switches.
+_PATH_KEYS = ("calibration", "reference")
+_SWITCH_KEYS = ("dry_run", "quiet", "overwrite", "wait", "force")
+_EXTRA_KEYS = _PATH_KEYS + _SWITCH_KEYS
 # Exceptions that mean "bad input": exit 2 with one line.
 _INPUT_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, NotImplementedError)
 
@@ -60,8 +64,44 @@ def _add_realign(sub: Any) -> None:
     p.add_argument("--backend", choices=BACKENDS, help="ops backend (default: fastest available)")
     p.add_argument("--dry-run", action="store_true", default=None, help="print the plan; write nothing")
     p.add_argument("--quiet", action="store_true", default=None, help="no progress bars")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing OUT")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace an existing OUT (only an earlier nlsr_fast output, unless --force) and a leftover "
+                   "OUT.partial")
+    p.add_argument("--force", action="store_true", default=None,
+                   help="with --overwrite, replace OUT even when it is not an nlsr_fast output (no manifest.json)")
+    p.add_argument("--wait", action="store_true", default=None,
+                   help="if another run holds OUT's lock (OUT.lock), wait for it instead of failing")
     p.add_argument("-v", "--verbose", action="store_true", help="info logs and tracebacks on errors")
+
+
+def _add_verify(sub: Any) -> None:
+    p = sub.add_parser(
+        "verify",
+        help="check a realign output against its manifest, report, masks and (optionally) its inputs",
+        description="Check OUT: every file against manifest.json (sha256), report.json and masks.safetensors against "
+        "the weights; with the inputs, that restored entries equal the reference and everything else equals the "
+        "fine-tuned input bit for bit. Exit 0 when every check passes, 1 when one fails, 2 on bad input.",
+    )
+    p.add_argument("out", help="the output folder of nlsr-fast realign")
+    p.add_argument("--base", metavar="DIR", help="the base checkpoint (dense mode: recompute the reference)")
+    p.add_argument("--aligned", metavar="DIR", help="the aligned input (recompute the reference from it)")
+    p.add_argument("--finetuned", metavar="DIR", help="the fine-tuned input (unrestored weights must equal it)")
+    p.add_argument("--reference", metavar="DIR", help="the reference the run used, if it was given one")
+    p.add_argument("-v", "--verbose", action="store_true", help="info logs and tracebacks on errors")
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from nlsr_fast.verify import verify_summary
+
+    problems, checked = verify_summary(args.out, base=args.base, aligned=args.aligned, finetuned=args.finetuned,
+                                       reference=args.reference)
+    if problems:
+        for problem in problems:
+            print(f"FAIL: {problem}")
+        print(f"nlsr-fast verify: {len(problems)} problem(s) in {args.out}", file=sys.stderr)
+        return 1
+    print(f"OK: {args.out}: {'; '.join(checked)}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_realign(sub)
+    _add_verify(sub)
     sub.add_parser("demo", help="end-to-end demo on a tiny model (nlsr_fast.demo)", add_help=False)
     sub.add_parser("bench", help="benchmarks (python -m nlsr_fast.bench)", add_help=False)
     return parser
@@ -94,32 +135,75 @@ def load_yaml_options(path: str | Path) -> dict[str, Any]:
     unknown = sorted(k for k in out if k not in known)
     if unknown:
         raise ValueError(f"--config {path}: unknown key(s) {unknown}; known: {sorted(known)}")
+    types = {f.name: str(f.type) for f in fields(RealignConfig)}
+    types.update({k: "path | None" for k in _PATH_KEYS})
+    types.update({k: "bool" for k in _SWITCH_KEYS})
+    for key, value in out.items():
+        problem = _type_problem(value, types[key])
+        if problem:
+            raise ValueError(f"--config {path}: {key} must be {problem}, got {value!r}")
     return out
+
+
+def _type_problem(value: Any, annotation: str) -> str | None:
+    """What `value` should have been for a field annotated `annotation` ("float | None", ...); None when it fits or
+    the annotation is not a simple one (RealignConfig checks the rest)."""
+    parts = {p.strip() for p in annotation.split("|")}
+    nullable = "None" in parts
+    parts.discard("None")
+    if nullable and value is None:
+        return None
+    kinds: dict[str, tuple[str, Any]] = {
+        "bool": ("true or false", lambda v: isinstance(v, bool)),
+        "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+        "float": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+        "str": ("a string", lambda v: isinstance(v, str)),
+        "path": ("a path string", lambda v: isinstance(v, str) and v != ""),
+    }
+    if len(parts) != 1 or next(iter(parts)) not in kinds:
+        return None
+    what, fits = kinds[next(iter(parts))]
+    if fits(value):
+        return None
+    return f"{what} or null" if nullable and what != "a path string" else what
 
 
 def _realign(args: argparse.Namespace) -> int:
     from nlsr_fast.api import realign_with_config
 
     values: dict[str, Any] = load_yaml_options(args.config) if args.config else {}
+    from_yaml = set(values)
     flags = vars(args)
     for key in [f.name for f in fields(RealignConfig)] + list(_EXTRA_KEYS):
         if flags.get(key) is not None:
             values[key] = flags[key]
-    calibration = values.pop("calibration", None)
-    reference = values.pop("reference", None)
-    config = RealignConfig(**values)
-    report = realign_with_config(
-        config,
-        args.base,
-        args.aligned,
-        args.finetuned,
-        args.out,
-        calibration=calibration,
-        reference=reference,
-        dry_run=bool(args.dry_run),
-        quiet=bool(args.quiet),
-        overwrite=bool(args.overwrite),
-    )
+            from_yaml.discard(key)
+    paths = {key: values.pop(key, None) for key in _PATH_KEYS}
+    switches = {key: bool(values.pop(key, False)) for key in _SWITCH_KEYS}
+    try:
+        config = RealignConfig(**values)
+    except ValueError as exc:
+        # Name the YAML file when the bad value came from it ("seed must be ...", "device 'x': ...").
+        msg = str(exc)
+        culprit = next((k for k in sorted(from_yaml) if msg.startswith((f"{k} ", f"{k}="))), None)
+        if culprit is not None:
+            raise ValueError(f"--config {args.config}: {msg}") from None
+        raise
+    kwargs: dict[str, Any] = dict(paths, **switches)
+    accepted = inspect.signature(realign_with_config).parameters
+    lock = None
+    for key in ("wait", "force"):
+        if key not in accepted:  # an api without these keywords: the CLI holds the lock; --force cannot be honoured
+            value = kwargs.pop(key)
+            if key == "force" and value:
+                raise ValueError("--force is not supported by this build's realign (nlsr_fast.api lacks force=)")
+            if key == "wait" and not switches["dry_run"]:
+                from nlsr_fast.io.lock import OutputLock
+
+                inputs = [p for p in (args.base, args.aligned, args.finetuned, *paths.values()) if p]
+                lock = OutputLock(args.out, wait=value, inputs=inputs)
+    with lock if lock is not None else contextlib.nullcontext():
+        report = realign_with_config(config, args.base, args.aligned, args.finetuned, args.out, **kwargs)
     print(report.table())
     return 0
 
@@ -160,16 +244,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = bool(getattr(args, "verbose", False))
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    command = str(args.command)
     try:
-        return _realign(args)
+        return _verify(args) if command == "verify" else _realign(args)
+    except KeyboardInterrupt:
+        # Ctrl-C: one line and the shell's status for SIGINT; atomic_output has already removed OUT.partial.
+        if verbose:
+            traceback.print_exc()
+        print(f"nlsr-fast {command}: interrupted", file=sys.stderr)
+        return 130
     except _INPUT_ERRORS as exc:
         if verbose:
             traceback.print_exc()
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"nlsr-fast realign: error: {msg}", file=sys.stderr)
+        print(f"nlsr-fast {command}: error: {msg}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - the CLI reports every failure in one line
         if verbose:
             traceback.print_exc()
-        print(f"nlsr-fast realign: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"nlsr-fast {command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,432 @@
+"""`nlsr-fast verify OUT`: check a realign output against its manifest, its report, its masks and its inputs.
+
+Checks, in order:
+  1. manifest.json: every file present with its size and sha256, nothing added (io.manifest.check_manifest);
+  2. report.json and masks.safetensors agree: every module of the report has its masks (and no mask is left over),
+     with the recorded shapes and densities; the restored flags agree with the counts, the adaptive draws, the
+     threshold rule and the changed-entry counts;
+  3. the weights agree with the report: the output holds every module of the report;
+  4. with the fine-tuned input: every module not restored, and every other tensor, equals it bit for bit; in a
+     restored module every entry outside the mask equals it, and the number of changed entries is the report's;
+  5. with the reference (given, or recomputed from the aligned input with the report's alpha and preset): every
+     masked entry of a restored module equals the reference, cast to the output's dtype.
+LoRA mode (a PEFT adapter; masks `<module>.lora_A` / `.lora_B`) and dense mode (a checkpoint; masks `<module>` on
+the weight `<module>.weight`), as report.json's "mode" says (LoRA when absent).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["verify", "verify_summary"]
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+_TOL = 1e-9
+
+
+def verify(out: PathLike, *, base: PathLike | None = None, aligned: PathLike | None = None,
+           finetuned: PathLike | None = None, reference: PathLike | None = None) -> list[str]:
+    """The problems found in the realign output `out` (empty when every check passes).
+
+    Args:
+        out: the output folder.
+        base: the base checkpoint (dense mode: to recompute the reference from a full aligned checkpoint).
+        aligned: the aligned input: the reference is recomputed from it (alpha and preset from report.json).
+        finetuned: the fine-tuned input: everything not restored must equal it bit for bit.
+        reference: the ready reference the run was given, if any.
+    Raises:
+        ValueError: `out` or a given input does not exist (bad input, not a failed check).
+    """
+    return verify_summary(out, base=base, aligned=aligned, finetuned=finetuned, reference=reference)[0]
+
+
+def verify_summary(out: PathLike, *, base: PathLike | None = None, aligned: PathLike | None = None,
+                   finetuned: PathLike | None = None, reference: PathLike | None = None
+                   ) -> tuple[list[str], list[str]]:
+    """(problems, what was checked): `verify` plus one line per check that ran, for the CLI's "OK: ..." line."""
+    out_p = Path(out)
+    if not out_p.is_dir():
+        raise ValueError(f"output {out_p} is not a folder (or does not exist)")
+    given = {"base": base, "aligned": aligned, "finetuned": finetuned, "reference": reference}
+    for role, path in given.items():
+        if path is not None and not Path(path).exists():
+            raise ValueError(f"--{role} {path} does not exist")
+    from nlsr_fast.io.manifest import check_manifest, read_manifest
+
+    problems: list[str] = []
+    checked: list[str] = []
+    manifest_problems = check_manifest(out_p)
+    problems += manifest_problems
+    if not manifest_problems:
+        checked.append(f"manifest ({len(read_manifest(out_p)['files'])} files)")
+    report = _load_report(out_p, problems)
+    masks = _load_masks(out_p, problems)
+    if report is None or masks is None:
+        return problems, checked
+    mode = report.get("mode", "lora")
+    records = report.get("modules")
+    if not isinstance(records, list) or not all(isinstance(r, dict) and isinstance(r.get("name"), str)
+                                                for r in records):
+        problems.append(f"{out_p / 'report.json'}: 'modules' is not a list of module records")
+        return problems, checked
+    if mode not in ("lora", "dense"):
+        problems.append(f"{out_p / 'report.json'}: unknown mode {mode!r}")
+        return problems, checked
+    n_before = len(problems)
+    _check_records(out_p, report, records, masks, mode, problems)
+    if len(problems) == n_before:
+        checked.append(f"report and masks agree ({len(records)} modules, "
+                       f"{sum(bool(r.get('restored')) for r in records)} restored)")
+    paths = {k: Path(v) for k, v in given.items() if v is not None}
+    if mode == "lora":
+        _check_lora(out_p, report, records, masks, paths, problems, checked)
+    else:
+        _check_dense(out_p, report, records, masks, paths, problems, checked)
+    return problems, checked
+
+
+# -- report and masks ---------------------------------------------------------------------------------------------
+
+def _load_report(out: Path, problems: list[str]) -> dict[str, Any] | None:
+    path = out / "report.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        problems.append(f"{path}: missing")
+        return None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        problems.append(f"{path}: not readable JSON ({exc})")
+        return None
+    if not isinstance(data, dict):
+        problems.append(f"{path}: not a JSON object")
+        return None
+    return data
+
+
+def _load_masks(out: Path, problems: list[str]) -> dict[str, Any] | None:
+    from nlsr_fast.ops import load_masks
+
+    path = out / "masks.safetensors"
+    if not path.is_file():
+        problems.append(f"{path}: missing")
+        return None
+    try:
+        return load_masks(path)
+    except (ValueError, OSError) as exc:
+        problems.append(f"{path}: {exc}")
+        return None
+
+
+def _section(report: dict[str, Any], key: str) -> dict[str, Any]:
+    value = report.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _mask_keys(name: str, mode: str) -> list[tuple[str, str]]:
+    """[(mask name, record suffix)] of a module."""
+    return [(f"{name}.lora_A", "a"), (f"{name}.lora_B", "b")] if mode == "lora" else [(name, "a")]
+
+
+def _check_records(out: Path, report: dict[str, Any], records: list[dict[str, Any]], masks: Mapping[str, Any],
+                   mode: str, problems: list[str]) -> None:
+    where = out / "report.json"
+    names = [r["name"] for r in records]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        problems.append(f"{where}: modules listed twice: {dupes[:5]}")
+    expected: set[str] = set()
+    cfg = _section(report, "config")
+    for rec in records:
+        name = rec["name"]
+        for key, suffix in _mask_keys(name, mode):
+            expected.add(key)
+            if key not in masks:
+                problems.append(f"module {name}: no mask {key!r} in masks.safetensors")
+                continue
+            mask = masks[key]
+            shape = rec.get(f"shape_{suffix}")
+            if shape and list(mask.shape) != list(shape):
+                problems.append(f"module {name}: mask {key} has shape {list(mask.shape)}, report.json says {shape}")
+            density = rec.get(f"density_{suffix}")
+            if isinstance(density, (int, float)) and abs(mask.density() - density) > _TOL:
+                problems.append(f"module {name}: mask {key} has density {mask.density():.6g}, report.json says "
+                                f"{density:.6g}")
+        restored = rec.get("restored")
+        if not isinstance(restored, bool):
+            problems.append(f"module {name}: restored flag {restored!r} is not true or false")
+            continue
+        draw = rec.get("draw")
+        if cfg.get("selection") == "adaptive" and draw is not None and bool(draw) != restored:
+            problems.append(f"module {name}: adaptive draw {draw} but restored={restored}")
+        tau, sim = cfg.get("tau"), rec.get("similarity")
+        if cfg.get("selection") == "threshold" and isinstance(tau, (int, float)) and isinstance(sim, (int, float)):
+            if (sim < tau) != restored:
+                problems.append(f"module {name}: similarity {sim:.6g} vs tau {tau} but restored={restored}")
+        changed = sum(int(rec.get(f"changed_{s}") or 0) for s in "ab")
+        if not restored and changed:
+            problems.append(f"module {name}: not restored but report.json counts {changed} changed entries")
+    extra = sorted(set(masks) - expected)
+    if extra:
+        problems.append(f"masks.safetensors holds masks of no module in report.json: {extra[:5]}")
+    counts = _section(report, "counts")
+    n_restored = sum(bool(r.get("restored")) for r in records)
+    if "restored" in counts and counts["restored"] != n_restored:
+        problems.append(f"{where}: counts.restored is {counts['restored']} but {n_restored} modules are marked "
+                        "restored")
+    if "modules" in counts and counts["modules"] != len(records):
+        problems.append(f"{where}: counts.modules is {counts['modules']} but {len(records)} modules are listed")
+
+
+# -- weights --------------------------------------------------------------------------------------------------------
+
+def _differ(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Boolean tensor: where the bits of x and y differ (same shape and dtype)."""
+    if x.dtype.is_floating_point:
+        int_dtype = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+        return x.contiguous().view(int_dtype) != y.contiguous().view(int_dtype)
+    return x != y
+
+
+def _compare(label: str, out_t: torch.Tensor, ft_t: torch.Tensor | None, ref_t: torch.Tensor | None, mask: Any,
+             restored: bool, changed: int | None, problems: list[str]) -> None:
+    """Compare one output tensor with the fine-tuned one (everything outside the restored mask) and the reference
+    (inside it)."""
+    if ft_t is not None:
+        if tuple(out_t.shape) != tuple(ft_t.shape) or out_t.dtype != ft_t.dtype:
+            problems.append(f"{label}: shape {list(out_t.shape)} {out_t.dtype}, the fine-tuned input has "
+                            f"{list(ft_t.shape)} {ft_t.dtype}")
+            return
+        diff = _differ(out_t, ft_t)
+        if not restored:
+            n = int(diff.sum())
+            if n:
+                problems.append(f"{label}: {n} entries differ from the fine-tuned input though the module was not "
+                                "restored")
+            return
+        bool_mask = mask.to_bool().reshape(out_t.shape)
+        outside = int((diff & ~bool_mask).sum())
+        if outside:
+            problems.append(f"{label}: {outside} entries outside the mask differ from the fine-tuned input")
+        if changed is not None and int(diff.sum()) != changed:
+            problems.append(f"{label}: {int(diff.sum())} entries differ from the fine-tuned input, report.json says "
+                            f"{changed}")
+    if ref_t is not None and restored:
+        if tuple(ref_t.shape) != tuple(out_t.shape):
+            problems.append(f"{label}: the reference has shape {list(ref_t.shape)}, the output {list(out_t.shape)}")
+            return
+        bool_mask = mask.to_bool().reshape(out_t.shape)
+        inside = int((_differ(out_t, ref_t.to(out_t.dtype)) & bool_mask).sum())
+        if inside:
+            problems.append(f"{label}: {inside} masked entries differ from the reference")
+
+
+def _extra_actions(report: dict[str, Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for rec in report.get("extra_tensors") or []:
+        if isinstance(rec, dict) and isinstance(rec.get("tensor"), str):
+            out[rec["tensor"]] = str(rec.get("action", ""))
+    return out
+
+
+def _preset_and_alpha(report: dict[str, Any]) -> tuple[Any, float] | None:
+    from nlsr_fast.config import PRESETS, Preset
+
+    cfg = _section(report, "config")
+    alpha = cfg.get("alpha")
+    preset: Any = None
+    fields = report.get("preset")
+    if isinstance(fields, dict):
+        try:
+            preset = Preset(**fields)
+        except (TypeError, ValueError):
+            preset = None
+    if preset is None and cfg.get("preset") in PRESETS:
+        preset = PRESETS[cfg["preset"]]
+    if preset is None or not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        return None
+    return preset, float(alpha)
+
+
+def _used_reference(report: dict[str, Any]) -> bool:
+    inputs = _section(report, "inputs")
+    ref = inputs.get("reference")
+    return bool(ref) and (not isinstance(ref, dict) or bool(ref.get("path")))
+
+
+def _reference_source(report: dict[str, Any], paths: Mapping[str, Path], checked: list[str]) -> str | None:
+    """"reference", "aligned" or None (with a note in `checked` saying why the values are not compared)."""
+    if "reference" in paths:
+        return "reference"
+    if "aligned" in paths:
+        if _used_reference(report):
+            checked.append("restored values NOT checked: the run was given a ready reference; pass --reference")
+            return None
+        if _preset_and_alpha(report) is None:
+            checked.append("restored values NOT checked: report.json lacks alpha or the preset")
+            return None
+        return "aligned"
+    return None
+
+
+def _check_lora(out: Path, report: dict[str, Any], records: list[dict[str, Any]], masks: Mapping[str, Any],
+                paths: Mapping[str, Path], problems: list[str], checked: list[str]) -> None:
+    from nlsr_fast.io import LoraAdapter
+
+    try:
+        out_ad = LoraAdapter.load(out)
+    except (ValueError, OSError, KeyError) as exc:
+        problems.append(f"{out}: not a readable LoRA adapter ({exc})")
+        return
+    names = [r["name"] for r in records]
+    missing = [n for n in names if n not in out_ad]
+    if missing:
+        problems.append(f"{out}: report.json's module {missing[0]} is not in the adapter ({len(missing)} missing)")
+    unlisted = [n for n in out_ad.modules if n not in set(names)]
+    if unlisted:
+        problems.append(f"{out}: the adapter's module {unlisted[0]} is not in report.json ({len(unlisted)} unlisted)")
+    if missing or unlisted:
+        return
+    ft = LoraAdapter.load(paths["finetuned"]) if "finetuned" in paths else None
+    source = _reference_source(report, paths, checked)
+    ref_ad = None
+    if source is not None:
+        ref_ad = LoraAdapter.load(paths[source])
+        for n in names:
+            if n not in ref_ad:
+                problems.append(f"the {source} input {paths[source]} has no module {n}")
+                return
+    amplify_args = _preset_and_alpha(report) if source == "aligned" else None
+    n_before = len(problems)
+    if ft is not None:
+        if sorted(ft.raw_keys) != sorted(out_ad.raw_keys):
+            only_out = sorted(set(out_ad.raw_keys) - set(ft.raw_keys))
+            only_ft = sorted(set(ft.raw_keys) - set(out_ad.raw_keys))
+            problems.append(f"{out}: tensors differ from the fine-tuned input's: only in the output {only_out[:3]}, "
+                            f"only in the input {only_ft[:3]}")
+            return
+    for rec in records:
+        name, restored = rec["name"], bool(rec.get("restored"))
+        if ft is None and (ref_ad is None or not restored):
+            continue
+        a_o, b_o = out_ad.factors(name)
+        a_t, b_t = ft.factors(name) if ft is not None else (None, None)
+        a_e = b_e = None
+        if ref_ad is not None and restored:
+            a_e, b_e = ref_ad.factors(name)
+            if amplify_args is not None:
+                from nlsr_fast.pipeline.amplify import amplify
+
+                a_e, b_e = amplify({name: (a_e, b_e)}, amplify_args[1], amplify_args[0])[name]
+            else:
+                a_e, b_e = a_e.float(), b_e.float()
+        _compare(f"module {name}: lora_A", a_o, a_t, a_e, masks[f"{name}.lora_A"], restored,
+                 rec.get("changed_a") if isinstance(rec.get("changed_a"), int) else None, problems)
+        _compare(f"module {name}: lora_B", b_o, b_t, b_e, masks[f"{name}.lora_B"], restored,
+                 rec.get("changed_b") if isinstance(rec.get("changed_b"), int) else None, problems)
+    if ft is not None:
+        module_keys = {k for n in names for k in (out_ad.key_a(n), out_ad.key_b(n))}
+        actions = _extra_actions(report)
+        for key in out_ad.raw_keys:
+            if key in module_keys:
+                continue
+            action = actions.get(key)
+            if action is not None and not action.startswith("kept"):
+                continue  # replaced on purpose (report.json says by what)
+            if bool(_differ(out_ad.raw(key), ft.raw(key)).any()) or out_ad.raw_dtype(key) != ft.raw_dtype(key):
+                problems.append(f"tensor {key}: differs from the fine-tuned input, and report.json records no "
+                                "replacement")
+        if len(problems) == n_before:
+            checked.append("unrestored weights equal the fine-tuned input bit for bit")
+    if ref_ad is not None and len(problems) == n_before:
+        how = "the given reference" if source == "reference" else "the reference recomputed from the aligned adapter"
+        checked.append(f"restored entries equal {how}")
+    out_ad.close()
+    if ft is not None:
+        ft.close()
+    if ref_ad is not None:
+        ref_ad.close()
+
+
+def _check_dense(out: Path, report: dict[str, Any], records: list[dict[str, Any]], masks: Mapping[str, Any],
+                 paths: Mapping[str, Path], problems: list[str], checked: list[str]) -> None:
+    from nlsr_fast.io import CheckpointReader
+
+    try:
+        out_ck = CheckpointReader(out)
+    except (ValueError, OSError) as exc:
+        problems.append(f"{out}: not a readable checkpoint ({exc})")
+        return
+    names = [r["name"] for r in records]
+    missing = [n for n in names if f"{n}.weight" not in out_ck]
+    if missing:
+        problems.append(f"{out}: report.json's module {missing[0]} has no weight {missing[0]}.weight in the "
+                        f"checkpoint ({len(missing)} missing)")
+        return
+
+    def full_checkpoint(role: str) -> Any:
+        if role not in paths:
+            return None
+        if not (paths[role] / "config.json").is_file() and (paths[role] / "adapter_config.json").is_file():
+            checked.append(f"--{role} is an adapter: dense verify compares full checkpoints only; skipped")
+            return None
+        return CheckpointReader(paths[role])
+
+    ft = full_checkpoint("finetuned")
+    reference: Callable[[str], torch.Tensor] | None = None
+    if "reference" in paths:
+        ref_ck = full_checkpoint("reference")
+        if ref_ck is not None:
+            def reference(key: str) -> torch.Tensor:
+                return ref_ck.get(key).float()
+    elif "aligned" in paths:
+        if _used_reference(report):
+            checked.append("restored values NOT checked: the run was given a ready reference; pass --reference")
+        elif "base" not in paths:
+            checked.append("restored values NOT checked: recomputing a dense reference needs --base too")
+        else:
+            al_ck, base_ck = full_checkpoint("aligned"), CheckpointReader(paths["base"])
+            pa = _preset_and_alpha(report)
+            if al_ck is not None and pa is not None:
+                alpha = pa[1]
+
+                def reference(key: str) -> torch.Tensor:
+                    from nlsr_fast.ops import extrapolate
+
+                    w_a, w_0 = al_ck.get(key), base_ck.get(key)
+                    return extrapolate(w_a, w_0, alpha, out=torch.empty(w_a.shape, dtype=torch.float32))
+    n_before = len(problems)
+    targets = set()
+    for rec in records:
+        name, restored = rec["name"], bool(rec.get("restored"))
+        key = f"{name}.weight"
+        targets.add(key)
+        if ft is None and (reference is None or not restored):
+            continue
+        w_o = out_ck.get(key)
+        w_t = ft.get(key) if ft is not None else None
+        w_e = reference(key) if reference is not None and restored else None
+        changed = rec.get("changed_a") if isinstance(rec.get("changed_a"), int) else None
+        _compare(f"module {name}", w_o, w_t, w_e, masks[name], restored, changed, problems)
+    if ft is not None:
+        if sorted(ft.keys()) != sorted(out_ck.keys()):
+            problems.append(f"{out}: tensor names differ from the fine-tuned input's")
+        else:
+            for key in ft.keys():
+                if key in targets:
+                    continue
+                a, b = out_ck.get(key), ft.get(key)
+                if a.dtype != b.dtype or a.shape != b.shape or bool(_differ(a, b).any()):
+                    problems.append(f"tensor {key}: differs from the fine-tuned input (not a restored target)")
+        if len(problems) == n_before:
+            checked.append("unrestored weights equal the fine-tuned input bit for bit")
+    if reference is not None and len(problems) == n_before:
+        checked.append("restored entries equal the reference")
