@@ -42,8 +42,8 @@ def _setup(root: Path, hidden: int = 128, intermediate: int = 256):
 
 def run(root: str | None = None) -> dict:
     from nlsr_fast.calib import collect_lora_statistics, low_rank_topk_masks, project_factors
+    from nlsr_fast.calib.hf_reference import hf_peft_model, released_schedule
     from nlsr_fast.io import CheckpointReader
-    from tests.calib.released_schedule import hf_peft_model, released_schedule
 
     root_p = Path(root or tempfile.mkdtemp())
     base, adapter, calib, factors = _setup(root_p)

@@ -1,4 +1,5 @@
-"""Calibration: data loading and the layer-streamed engine that gathers LoRA statistics and gradient scores."""
+"""Calibration: data loading and the layer-streamed engine that gathers statistics and gradient scores of a LoRA
+reference (its factors) or of a dense reference (its target linears)."""
 
 from nlsr_fast.calib.data import (
     ALPACA_TEMPLATE,
@@ -10,8 +11,11 @@ from nlsr_fast.calib.data import (
 )
 from nlsr_fast.calib.engine import (
     SUPPORTED_MODEL_TYPES,
+    DenseStats,
     ModuleStats,
+    collect_dense_statistics,
     collect_lora_statistics,
+    dense_gradient_scores,
     lora_gradient_scores,
 )
 from nlsr_fast.calib.lowrank import (
@@ -25,11 +29,14 @@ from nlsr_fast.calib.lowrank import (
 __all__ = [
     "ALPACA_TEMPLATE",
     "CalibrationSet",
+    "DenseStats",
     "ModuleStats",
     "PairSample",
     "SUPPORTED_MODEL_TYPES",
     "Sample",
+    "collect_dense_statistics",
     "collect_lora_statistics",
+    "dense_gradient_scores",
     "format_prompt",
     "load_calibration",
     "lora_gradient_scores",

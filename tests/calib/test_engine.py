@@ -7,7 +7,7 @@ import torch
 
 from nlsr_fast.calib import collect_lora_statistics, lora_gradient_scores, project_factors
 from nlsr_fast.calib.data import CalibrationSet
-from tests.calib.released_schedule import hf_peft_model, hook_statistics, per_sample_grad_scores, released_schedule
+from nlsr_fast.calib.hf_reference import hf_peft_model, hook_statistics, per_sample_grad_scores, released_schedule
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5, what: str = "") -> None:
@@ -199,7 +199,8 @@ def test_sliding_window_matches_hf(tiny_factory, tmp_path):
 @pytest.mark.parametrize("accumulate", ["per_sample", "running"])
 def test_gradient_scores_chunked_equal_unchunked(tiny, accumulate: str) -> None:
     """A tiny activation budget splits the samples into chunks; the sums (and the carried running sum) are unchanged."""
-    from nlsr_fast.calib.engine import _activation_chunks, _Model
+    from nlsr_fast.calib.gradients import _activation_chunks
+    from nlsr_fast.calib.runtime import _Model
 
     chunks = _activation_chunks(tiny.calib, _Model(tiny.reader(), None, torch.device("cpu")), 1)
     assert len(chunks) == len(tiny.calib.samples) > 1  # one sample per chunk: the carry path is exercised

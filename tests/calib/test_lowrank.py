@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from nlsr_fast.calib import collect_lora_statistics, low_rank_masks, low_rank_topk_masks, project_factors
+from nlsr_fast.calib.hf_reference import hf_peft_model, lora_layers
 from nlsr_fast.calib.lowrank import projection_rank
 from nlsr_fast.ops import keep_count_for_sparsity, matrix_topk_mask
-from tests.calib.released_schedule import hf_peft_model, lora_layers
 
 
 def _explicit(X: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float):

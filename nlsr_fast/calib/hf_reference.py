@@ -1,4 +1,6 @@
-"""Test-only references on the full Hugging Face model + PEFT adapter (no streaming), importable by benches.
+"""References on the full Hugging Face model (no streaming) that the streamed calibration engine is tested and
+benchmarked against. They need `transformers` (and `peft` for the LoRA ones), load the whole model, and are meant
+for tiny models: tests and benches, never the realign path.
 
 * `hf_peft_model`: the base model with the adapter loaded by `PeftModel.from_pretrained`, factors optionally
   overwritten (e.g. amplified), fp32, eval.
@@ -6,19 +8,23 @@
 * `released_schedule`: the released code's sequential low_rank schedule: for each layer ℓ run the WHOLE model
   forward over all samples with layers < ℓ already projected, record layer ℓ's inputs, project layer ℓ, continue.
 * `per_sample_grad_scores`: snip / pref_snip scores by plain autograd, one sample at a time.
+* `hf_dense_model`: a full model from a checkpoint folder with some tensors replaced (a dense reference).
+* `dense_hook_statistics`: DenseStats (Σ_t x_t² of the input of each target linear) from forward hooks.
+* `dense_per_sample_grad_scores`: Σ_n |∂L_n/∂W| of each target weight by plain autograd, one sample at a time.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from nlsr_fast.calib.data import CalibrationSet, Sample
-from nlsr_fast.calib.engine import ModuleStats
 from nlsr_fast.calib.lowrank import project_factors
+from nlsr_fast.calib.statistics import DenseStats, ModuleStats
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 
@@ -39,7 +45,7 @@ def hf_peft_model(base: str | os.PathLike[str], adapter: str | os.PathLike[str],
     return peft
 
 
-def lora_layers(peft) -> dict[str, torch.nn.Module]:
+def lora_layers(peft: Any) -> dict[str, Any]:
     """Module name as in the adapter ("model.layers.0.self_attn.q_proj") → the PEFT LoraLayer."""
     out = {}
     for name, mod in peft.named_modules():
@@ -134,7 +140,7 @@ def released_schedule(peft, calib: CalibrationSet, sparsity: float, n_layers: in
     return all_stats, projected
 
 
-def _response_logprob(logits: torch.Tensor, s: Sample) -> torch.Tensor:
+def _response_logprob(logits: torch.Tensor, s: Sample) -> tuple[torch.Tensor, torch.Tensor]:
     lp = torch.log_softmax(logits[0, :-1].float(), -1).gather(-1, s.input_ids[1:, None])[:, 0]
     tgt = s.response_mask[1:]
     return (lp * tgt).sum(), tgt.sum()
@@ -147,12 +153,13 @@ def per_sample_grad_scores(peft, calib: CalibrationSet, loss: str = "nll", beta:
     params = {n: (m.lora_A["default"].weight, m.lora_B["default"].weight) for n, m in mods.items()}
     acc = {n: (torch.zeros_like(a), torch.zeros_like(b)) for n, (a, b) in params.items()}
     peft.zero_grad(set_to_none=False)
+    item: Any
     for item in calib.samples:
         if not running:
             peft.zero_grad(set_to_none=False)
         if loss == "nll":
-            lp, n = _response_logprob(peft(input_ids=item.input_ids[None]).logits, item)
-            L = -lp / n
+            lp, cnt = _response_logprob(peft(input_ids=item.input_ids[None]).logits, item)
+            L = -lp / cnt
         else:
             lc, _ = _response_logprob(peft(input_ids=item.chosen.input_ids[None]).logits, item.chosen)
             lr, _ = _response_logprob(peft(input_ids=item.rejected.input_ids[None]).logits, item.rejected)
@@ -161,7 +168,87 @@ def per_sample_grad_scores(peft, calib: CalibrationSet, loss: str = "nll", beta:
                 l0r, _ = _response_logprob(peft(input_ids=item.rejected.input_ids[None]).logits, item.rejected)
             L = -F.logsigmoid(beta * ((lc - lr) - (l0c - l0r)))
         L.backward()
-        for n, (a, b) in params.items():
-            acc[n][0].add_(a.grad.abs())
-            acc[n][1].add_(b.grad.abs())
+        for name, (a, b) in params.items():
+            acc[name][0].add_(a.grad.abs())
+            acc[name][1].add_(b.grad.abs())
+    return acc
+
+
+def hf_dense_model(base: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor] | None = None,
+                   dtype: torch.dtype = torch.float32) -> Any:
+    """AutoModelForCausalLM.from_pretrained(base) in `dtype`, eval, frozen, with `tensors` (checkpoint names) loaded
+    over its weights."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(os.fspath(base), dtype=dtype)
+    if tensors:
+        sd = model.state_dict()
+        unknown = sorted(set(tensors) - set(sd))
+        if unknown:
+            raise ValueError(f"tensors not in the model: {unknown[:3]}")
+        with torch.no_grad():
+            for k, t in tensors.items():
+                sd[k].copy_(t)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+@torch.no_grad()
+def dense_hook_statistics(model: Any, calib: CalibrationSet, targets: Sequence[str],
+                          batch_size: int = 1) -> dict[str, DenseStats]:
+    """DenseStats of each target linear ("model.layers.0.mlp.down_proj") from forward hooks, one whole-model forward
+    per batch, response tokens only, float64."""
+    stats: dict[str, DenseStats] = {}
+    state: dict[str, torch.Tensor] = {}
+    handles = []
+    for n in targets:
+        lin = model.get_submodule(n)
+        stats[n] = DenseStats(torch.zeros(lin.in_features, dtype=torch.float64))
+
+        def hook(_m: Any, inputs: Any, output: Any, n: str = n) -> None:
+            mask = state["mask"]
+            x = inputs[0][mask].double()
+            st = stats[n]
+            st.x_sq += x.square().sum(0)
+            st.n_tokens += int(mask.sum())
+            st.n_samples += int(mask.any(1).sum())
+
+        handles.append(lin.register_forward_hook(hook))
+    seqs = calib.sequences()
+    try:
+        for start in range(0, len(seqs), batch_size):
+            ids, att, resp = _padded(seqs, list(range(start, min(start + batch_size, len(seqs)))))
+            state["mask"] = resp
+            model(input_ids=ids, attention_mask=att)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def dense_per_sample_grad_scores(model: Any, calib: CalibrationSet, targets: Sequence[str],
+                                 running: bool = False) -> dict[str, torch.Tensor]:
+    """Σ_n |∂L_n/∂W| of each target weight by full-model autograd, sample by sample, L_n the mean NLL of sample n's
+    response tokens (with `running`, gradients are never zeroed: Σ_n |Σ_{j≤n} ∂L_j/∂W|)."""
+    weights = {n: model.get_submodule(n).weight for n in targets}
+    for w in weights.values():
+        w.requires_grad_(True)
+        w.grad = None
+    acc = {n: torch.zeros_like(w, dtype=torch.float64) for n, w in weights.items()}
+    try:
+        item: Any
+        for item in calib.samples:
+            if not running:
+                for w in weights.values():
+                    w.grad = None
+            lp, cnt = _response_logprob(model(input_ids=item.input_ids[None]).logits, item)
+            (-lp / cnt).backward()
+            for n, w in weights.items():
+                assert w.grad is not None
+                acc[n] += w.grad.double().abs()
+    finally:
+        for w in weights.values():
+            w.requires_grad_(False)
+            w.grad = None
     return acc
