@@ -276,3 +276,14 @@ def test_dense_output_verifies(world: _World, tmp_path: Path) -> None:
     save_file(tensors, shard, metadata={"format": "pt"})
     write_manifest(out)
     assert any(key.removesuffix(".weight") in p or key in p for p in verify(out, finetuned=finetuned))
+
+
+def test_two_identical_runs_give_identical_weights_and_masks(world: _World, good: Path, tmp_path: Path) -> None:
+    """issue 8: masks.safetensors bytes changed from run to run, and it was written 0600 while the rest is 0644."""
+    again = world.realign(tmp_path / "again")
+    for name in ("adapter_model.safetensors", "masks.safetensors", "adapter_config.json"):
+        assert (again / name).read_bytes() == (good / name).read_bytes(), name
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in again.iterdir()}
+    assert set(modes.values()) == {plain.stat().st_mode & 0o777}, modes
