@@ -145,14 +145,6 @@ def test_import_is_light() -> None:
 
 # -- issue 8: CLI hygiene --------------------------------------------------------------------------------------
 
-def _api_accepts(name: str) -> bool:
-    import inspect
-
-    from nlsr_fast.api import realign_with_config
-
-    return name in inspect.signature(realign_with_config).parameters
-
-
 def _one_line_error(capsys, fragment: str) -> str:
     err = capsys.readouterr().err
     assert fragment in err, err
@@ -305,20 +297,6 @@ _HOLD = (
 )
 
 
-def _api_check_output_waits() -> bool:
-    """Whether realign_with_config passes wait= to its up-front check_output (else that check fails on the lock
-    before OutputLock(wait=True) can wait)."""
-    import inspect
-    import re
-
-    from nlsr_fast import api
-
-    return bool(re.search(r"check_output\([^)]*wait=wait", inspect.getsource(api.realign_with_config)))
-
-
-@pytest.mark.xfail(not _api_check_output_waits(), strict=True,
-                   reason="needs api wiring: realign_with_config must call check_output(..., wait=wait) up front "
-                   "and check_output(...) again inside `with OutputLock(out, wait=wait, ...)`")
 def test_cli_second_run_on_a_locked_out_exits_2_or_waits(world: World, tmp_path: Path, capsys) -> None:
     """issue 8: two runs with the same OUT mixed their outputs. A run holding OUT's lock makes a second one exit 2
     at once naming the holder; with --wait the second one waits and then writes its own complete output."""
@@ -368,8 +346,6 @@ def test_cli_two_concurrent_runs_never_mix(world: World, tmp_path: Path) -> None
     assert not Path(f"{out}.partial").exists() and not Path(f"{out}.lock").exists()
 
 
-@pytest.mark.xfail(not _api_accepts("force"), strict=True,
-                   reason="needs api wiring: realign_with_config(..., force=) (issue 8; the lead wires api.py)")
 def test_cli_overwrite_refuses_a_foreign_folder_unless_force(world: World, tmp_path: Path, capsys) -> None:
     """issue 8: --overwrite deleted whatever folder OUT named."""
     out = tmp_path / "photos"
