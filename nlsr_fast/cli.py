@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
-import inspect
 import logging
 import subprocess
 import sys
@@ -15,7 +13,18 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from nlsr_fast.config import BACKENDS, CALIB_DTYPES, METHODS, PRESETS, SELECTIONS, TEMPLATES, RealignConfig
+from nlsr_fast.config import (
+    BACKENDS,
+    CALIB_DTYPES,
+    EXTRA_TENSORS,
+    METHODS,
+    MODES,
+    PRESETS,
+    SCORE_ON,
+    SELECTIONS,
+    TEMPLATES,
+    RealignConfig,
+)
 
 __all__ = ["build_parser", "load_yaml_options", "main"]
 
@@ -37,12 +46,14 @@ def _add_realign(sub: Any) -> None:
         "safety-aligned adapter (NLSR, arXiv 2412.12497). Flags override --config values, which override defaults.",
     )
     p.add_argument("base", help="base checkpoint folder (sharded safetensors + config + tokenizer)")
-    p.add_argument("aligned", help="safety-aligned PEFT LoRA adapter folder")
-    p.add_argument("finetuned", help="fine-tuned PEFT LoRA adapter folder (continued training of ALIGNED)")
+    p.add_argument("aligned", help="safety-aligned model: PEFT LoRA adapter on BASE, or full checkpoint (dense)")
+    p.add_argument("finetuned", help="fine-tuned model: adapter that continued ALIGNED (LoRA mode), any adapter on "
+                   "BASE, or full checkpoint (dense mode)")
     p.add_argument("out", help="output folder (must not exist, unless --overwrite)")
     p.add_argument("--config", metavar="YAML", help="YAML file of option values (keys as the flags, - or _)")
     p.add_argument("--calibration", metavar="JSONL", help="calibration samples (pairs for pref_snip)")
-    p.add_argument("--reference", metavar="DIR", help="ready reference adapter; skips amplification")
+    p.add_argument("--reference", metavar="DIR", help="ready reference (adapter, or checkpoint in dense mode); "
+                   "skips amplification")
     p.add_argument("--preset", choices=sorted(PRESETS), help="paper (default) or official (the released code)")
     p.add_argument("--method", choices=METHODS, help="neuron score (default low_rank)")
     p.add_argument("--sparsity", type=float, help="sparsity s; masks keep the top 1-s (default 0.8)")
@@ -62,6 +73,17 @@ def _add_realign(sub: Any) -> None:
     p.add_argument("--calib-dtype", choices=CALIB_DTYPES, help="calibration forward dtype (default: the base's)")
     p.add_argument("--device", help="torch device (default cuda if available, else cpu)")
     p.add_argument("--backend", choices=BACKENDS, help="ops backend (default: fastest available)")
+    p.add_argument("--mode", choices=MODES, help="lora, dense, or auto (default: lora when FINETUNED is an adapter "
+                   "with ALIGNED's keys and ranks, else dense)")
+    p.add_argument("--targets", metavar="REGEX", help="dense mode: target linears, a regex on module names "
+                   "(default: the seven projections)")
+    p.add_argument("--score-on", choices=SCORE_ON, help="dense mode: score the reference's delta W_e - W_0 "
+                   "(default) or W_e itself")
+    p.add_argument("--allow-nonfinite", action="store_true", default=None,
+                   help="go on when an input holds NaN/Inf (each listed in report.json); default: refuse")
+    p.add_argument("--extra-tensors", choices=EXTRA_TENSORS, help="non-LoRA tensors of the fine-tuned adapter "
+                   "(modules_to_save heads): refuse (default), restore from the aligned adapter or base, or keep")
+    p.add_argument("--max-shard-bytes", type=int, help="dense output: tensor bytes per shard (default 5 GiB)")
     p.add_argument("--dry-run", action="store_true", default=None, help="print the plan; write nothing")
     p.add_argument("--quiet", action="store_true", default=None, help="no progress bars")
     p.add_argument("--overwrite", action="store_true", default=None,
@@ -190,20 +212,7 @@ def _realign(args: argparse.Namespace) -> int:
             raise ValueError(f"--config {args.config}: {msg}") from None
         raise
     kwargs: dict[str, Any] = dict(paths, **switches)
-    accepted = inspect.signature(realign_with_config).parameters
-    lock = None
-    for key in ("wait", "force"):
-        if key not in accepted:  # an api without these keywords: the CLI holds the lock; --force cannot be honoured
-            value = kwargs.pop(key)
-            if key == "force" and value:
-                raise ValueError("--force is not supported by this build's realign (nlsr_fast.api lacks force=)")
-            if key == "wait" and not switches["dry_run"]:
-                from nlsr_fast.io.lock import OutputLock
-
-                inputs = [p for p in (args.base, args.aligned, args.finetuned, *paths.values()) if p]
-                lock = OutputLock(args.out, wait=value, inputs=inputs)
-    with lock if lock is not None else contextlib.nullcontext():
-        report = realign_with_config(config, args.base, args.aligned, args.finetuned, args.out, **kwargs)
+    report = realign_with_config(config, args.base, args.aligned, args.finetuned, args.out, **kwargs)
     print(report.table())
     return 0
 

@@ -186,6 +186,8 @@ def test_cli_yaml_accepts_run_options(world: World, tmp_path: Path, capsys) -> N
         ("method: 3\n", "method must be a string, got 3"),
         ("tau: [0.5]\n", "tau must be a number or null, got [0.5]"),
         ("sequential: 1\n", "sequential must be true or false, got 1"),
+        ("seed: -1\n", "seed must be an integer in [0, 18446744073709551615], got -1"),
+        ("device: cuda:99\n", "device 'cuda:99'"),
     ],
 )
 def test_cli_yaml_wrong_types_name_file_and_key(world: World, tmp_path: Path, capsys, yaml_text, fragment) -> None:
