@@ -18,7 +18,7 @@ __all__ = ["projection_rank", "project_factors", "low_rank_masks", "low_rank_top
 
 
 def projection_rank(n: int, sparsity: float) -> int:
-    """k = ⌊s·n⌋ with s·n snapped to the nearest integer when within 1e-9 (n - keep_count)."""
+    """k = ⌊s·n⌋ with s·n snapped to the nearest integer when within 1e-9 (n - keep_count_for_sparsity)."""
     return n - keep_count_for_sparsity(n, sparsity)
 
 
@@ -80,12 +80,11 @@ def low_rank_masks(
 
 
 def _topk_masks(
-    score_a: torch.Tensor, score_b: torch.Tensor, sparsity: float, count_offset: int, backend: str | None
+    score_a: torch.Tensor, score_b: torch.Tensor, sparsity: float, fewer: int, backend: str | None
 ) -> tuple[PackedMask, PackedMask]:
     masks = []
     for score in (score_a, score_b):
-        n = score.numel()
-        k = min(max(keep_count_for_sparsity(n, sparsity) + count_offset, 0), n)
+        k = keep_count_for_sparsity(score.numel(), sparsity, fewer=fewer)
         masks.append(matrix_topk_mask(score, 1.0 - sparsity, k=k, backend=backend))
     return masks[0], masks[1]
 
@@ -95,12 +94,15 @@ def low_rank_topk_masks(
     B: torch.Tensor,
     G: torch.Tensor,
     sparsity: float,
-    count_offset: int = 0,
+    *,
+    fewer: int = 0,
     backend: str | None = None,
 ) -> tuple[PackedMask, PackedMask]:
-    """(M_A, M_B): each keeps the n - ⌊s·n⌋ + count_offset largest entries of its low_rank score over the whole
-    matrix (`count_offset=-1` is preset `official`)."""
-    return _topk_masks(*low_rank_masks(A, B, G, sparsity), sparsity, count_offset, backend)
+    """(M_A, M_B): each keeps the n - ⌊s·n⌋ - fewer largest entries of its low_rank score over the whole matrix.
+
+    fewer: the preset field `low_rank_count_offset`, passed through unchanged (0 = paper; 1 = official, whose code
+    keeps |W̃| strictly above the ⌊s·n⌋-th smallest value, one entry fewer)."""
+    return _topk_masks(*low_rank_masks(A, B, G, sparsity), sparsity, fewer, backend)
 
 
 def project_and_mask(
@@ -108,10 +110,11 @@ def project_and_mask(
     B: torch.Tensor,
     G: torch.Tensor,
     sparsity: float,
-    count_offset: int = 0,
+    *,
+    fewer: int = 0,
     backend: str | None = None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[PackedMask, PackedMask]]:
     """`project_factors` and `low_rank_topk_masks` from one eigen-decomposition (what sequential calibration needs)."""
     wa, wb = _projections(A, B, G, sparsity)
-    masks = _topk_masks(wa.abs().to(torch.float32), wb.abs().to(torch.float32), sparsity, count_offset, backend)
+    masks = _topk_masks(wa.abs().to(torch.float32), wb.abs().to(torch.float32), sparsity, fewer, backend)
     return (wa.to(A.dtype), wb.to(B.dtype)), masks

@@ -31,7 +31,7 @@ def _low_rank_masks(
     from nlsr_fast.calib.lowrank import low_rank_topk_masks
 
     # official: the code keeps |W~| strictly above the floor(s n)-th smallest value, one entry fewer.
-    return low_rank_topk_masks(a, b, gram.to(a.device), sparsity, count_offset=-preset.low_rank_count_offset,
+    return low_rank_topk_masks(a, b, gram.to(a.device), sparsity, fewer=preset.low_rank_count_offset,
                                backend=backend)
 
 
@@ -144,7 +144,7 @@ def sequential_transform(
 
                 # One eigen-decomposition gives both the projected factors and the final masks.
                 out[name], masks = project_and_mask(a, b, st.gram.to(a.device), sparsity,
-                                                    count_offset=-preset.low_rank_count_offset, backend=backend)
+                                                    fewer=preset.low_rank_count_offset, backend=backend)
             else:
                 masks = _wanda_masks(a, b, st, sparsity, backend)
                 out[name] = (a * masks[0].to_bool().to(a.device), b * masks[1].to_bool().to(b.device))

@@ -10,12 +10,11 @@ from typing import NamedTuple
 import torch
 
 from nlsr_fast.config import SELECTIONS, Preset, resolve_preset
+from nlsr_fast.ops._counts import ceil_snapped
 
 __all__ = ["Selection", "adaptive_probabilities", "rank_positions", "select"]
 
 log = logging.getLogger(__name__)
-
-_SNAP = 1e-9
 
 
 class Selection(NamedTuple):
@@ -52,11 +51,6 @@ def adaptive_probabilities(
         w = 1.0 - u if preset.adaptive_direction == "dissimilar" else u
         probs.append(min(1.0, max(0.0, prune_rate - epsilon + 2.0 * epsilon * w)))
     return torch.tensor(probs, dtype=torch.float32)
-
-
-def _ceil_snapped(x: float) -> int:
-    nearest = round(x)
-    return int(nearest) if abs(x - nearest) <= _SNAP else math.ceil(x)
 
 
 def select(
@@ -111,7 +105,7 @@ def select(
     if selection == "fraction":
         if fraction is None or not 0.0 <= fraction <= 1.0:
             raise ValueError(f"selection='fraction' needs fraction in [0, 1], got {fraction!r}")
-        count = _ceil_snapped(fraction * n)
+        count = ceil_snapped(fraction * n)  # the count rule's snap (ops._counts): 0.2 * 160 restores 32, not 33
         pos = rank_positions(sims)
         restored = [p >= n - count for p in pos]
         log.info("select: fraction %g restores the %d least similar of %d modules", fraction, count, n)

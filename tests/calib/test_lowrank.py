@@ -50,12 +50,12 @@ def test_gram_route_equals_explicit_svd(r, d_in, d_out, s):
     _same_subspace(wb, eb)
     sa, sb = low_rank_masks(A, B, G, s)
     assert sa.dtype == torch.float32 and sa.shape == A.shape and sb.shape == B.shape
-    for off in (0, -1):
-        ma, mb = low_rank_topk_masks(A, B, G, s, count_offset=off, backend="reference")
+    for fewer in (0, 1):
+        ma, mb = low_rank_topk_masks(A, B, G, s, fewer=fewer, backend="reference")
         for m, e, score in ((ma, ea, sa), (mb, eb, sb)):
             torch.testing.assert_close(score, e.abs().float(), rtol=1e-5, atol=1e-6)
             n = e.numel()
-            k = keep_count_for_sparsity(n, s) + off
+            k = keep_count_for_sparsity(n, s) - fewer
             ref = matrix_topk_mask(e.abs().float(), 1 - s, k=k, backend="reference")
             _masks_equal_up_to_ties(m, ref, e.abs().float())
             assert int(m.to_bool().sum()) == k
@@ -68,7 +68,7 @@ def test_count_at_160():
     G = torch.eye(8) + 0.1
     ma, mb = low_rank_topk_masks(A, B, G, 0.8, backend="reference")
     assert int(ma.to_bool().sum()) == 32 and int(mb.to_bool().sum()) == 32
-    ma, _ = low_rank_topk_masks(A, B, G, 0.8, count_offset=-1, backend="reference")
+    ma, _ = low_rank_topk_masks(A, B, G, 0.8, fewer=1, backend="reference")  # preset official
     assert int(ma.to_bool().sum()) == 31
 
 
