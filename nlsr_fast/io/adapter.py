@@ -199,17 +199,17 @@ class LoraAdapter:
         if isinstance(init, str) and init.lower().startswith("mica"):
             raise NotImplementedError(f"{path}: LoRA variant init_lora_weights={init!r} (MiCA) is not supported")
         if not _is_rank(cfg.get("r")):
-            raise ValueError(f"{path}: r must be a positive integer, got {cfg.get('r')!r}")
+            raise ValueError(f"{path}: r must be a positive number, a whole LoRA rank, got {cfg.get('r')!r}")
         if not _is_positive(cfg.get("lora_alpha")):
             raise ValueError(f"{path}: lora_alpha must be a positive finite number, got {cfg.get('lora_alpha')!r}")
-        for field, ok, what in (("rank_pattern", _is_rank, "positive integers"),
-                                ("alpha_pattern", _is_positive, "positive finite numbers")):
+        for field, ok, what in (("rank_pattern", _is_rank, "a positive integer"),
+                                ("alpha_pattern", _is_positive, "a positive finite number")):
             pattern = cfg.get(field) or {}
             if not isinstance(pattern, dict):
                 raise ValueError(f"{path}: {field} must be an object, got {cfg.get(field)!r}")
             for key, value in pattern.items():
                 if not ok(value):
-                    raise ValueError(f"{path}: {field}[{key!r}] must be {what[:-1]}, got {value!r}")
+                    raise ValueError(f"{path}: {field}[{key!r}] must be {what}, got {value!r}")
                 try:
                     re.compile(rf"(.*\.)?({key})$")
                 except (re.error, RecursionError, OverflowError) as e:

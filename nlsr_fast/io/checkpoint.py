@@ -37,7 +37,7 @@ def resolve_inside(folder: Path, entry: object, *, source: Path) -> Path:
     Returns:
         folder / entry.
     """
-    if not isinstance(entry, str) or not entry:
+    if not isinstance(entry, str) or not entry or "\0" in entry:
         raise ValueError(f"{source}: shard entry {entry!r} is not a file name")
     rel = Path(entry)
     if rel.is_absolute() or entry.startswith(("/", "\\")) or (len(entry) > 1 and entry[1] == ":"):
@@ -45,7 +45,10 @@ def resolve_inside(folder: Path, entry: object, *, source: Path) -> Path:
     if ".." in rel.parts or ".." in entry.replace("\\", "/").split("/"):
         raise ValueError(f"{source}: shard entry {entry!r} contains '..'; shards must lie inside {folder}")
     path = folder / rel
-    real, root = path.resolve(), folder.resolve()
+    try:
+        real, root = path.resolve(), folder.resolve()
+    except (OSError, ValueError, RuntimeError) as e:  # a name too long, a symlink loop
+        raise ValueError(f"{source}: shard entry {entry!r} cannot be resolved inside {folder}: {e}") from None
     if not real.is_relative_to(root):
         raise ValueError(f"{source}: shard entry {entry!r} resolves to {real}, outside the folder {root}")
     return path
@@ -107,10 +110,12 @@ class CheckpointReader:
         headers: dict[str, dict[str, TensorInfo]] = {}
         shards: dict[str, Path] = {}
         for key, entry in weight_map.items():
+            if not isinstance(entry, str):  # before the dict look-up: a list or an object is not hashable
+                raise ValueError(f"{index}: tensor {key!r}: shard entry {entry!r} is not a file name")
             if entry not in headers:
                 shard = resolve_inside(self.folder, entry, source=index)
                 shards[entry] = shard
-                if not shard.is_file():
+                if not _is_file(shard):
                     raise ValueError(f"{index}: tensor {key!r} is in shard {entry!r}, but {shard} does not exist")
                 headers[entry] = read_header(shard)[0]
             info, shard = headers[entry].get(key), shards[entry]
@@ -269,8 +274,15 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long for the file system
+        return False
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: malformed JSON: {e}") from e
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: malformed JSON: {type(e).__name__}: {str(e)[:200]}") from None
