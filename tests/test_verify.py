@@ -287,3 +287,19 @@ def test_two_identical_runs_give_identical_weights_and_masks(world: _World, good
     plain.write_text("x")
     modes = {p.name: p.stat().st_mode & 0o777 for p in again.iterdir()}
     assert set(modes.values()) == {plain.stat().st_mode & 0o777}, modes
+
+
+def test_dense_output_from_adapters_verifies(world: _World, tmp_path: Path) -> None:
+    """Dense mode with adapters as inputs (merged on the base on the fly): verify merges them the same way."""
+    out = tmp_path / "dense_ad"
+    nlsr_fast.realign(world.base, world.aligned, world.finetuned, out, mode="dense", method="magnitude",
+                      selection="fraction", fraction=0.5, quiet=True)
+    assert _report(out)["mode"] == "dense"
+    problems, checked = verify_summary(out, base=world.base, aligned=world.aligned, finetuned=world.finetuned)
+    assert problems == [], problems
+    assert "restored entries equal the reference" in checked
+    assert "unrestored weights equal the fine-tuned input bit for bit" in checked
+    problems, checked = verify_summary(out, finetuned=world.finetuned)
+    assert problems == [] and any("pass --base too" in c for c in checked)
+    # Another fine-tuned model is caught.
+    assert verify(out, base=world.base, finetuned=world.aligned) != []
