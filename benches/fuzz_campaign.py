@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown parsers {unknown}; choose from {list(P.PARSERS)}")
     logging.getLogger("nlsr_fast").setLevel(logging.ERROR)  # the parsers' warnings, once per example, are noise here
-    tmp = tempfile.mkdtemp(prefix="nlsr_fuzz_campaign_")
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    tmp = tempfile.mkdtemp(prefix="nlsr_fuzz_campaign_", dir=shm)  # a memory file system: many small files
     os.environ["NLSR_FUZZ_TMP"] = tmp
     broke = False
     try:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -201,7 +200,9 @@ def header_inputs(draw: st.DrawFn) -> bytes:
 
 def _scratch(name: str) -> str:
     """A per-process scratch folder under the system temp dir (hypothesis examples cannot use pytest's tmp_path)."""
-    root = Path(os.environ.get("NLSR_FUZZ_TMP") or Path(os.environ.get("TMPDIR", "/tmp")) / f"nlsr_fuzz_{os.getpid()}")
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    base = os.environ.get("TMPDIR") or shm or "/tmp"
+    root = Path(os.environ.get("NLSR_FUZZ_TMP") or Path(base) / f"nlsr_fuzz_{os.getpid()}")
     d = root / name
     d.mkdir(parents=True, exist_ok=True)
     return str(d)
@@ -305,11 +306,12 @@ def index_inputs(draw: st.DrawFn) -> IndexCase:
     return IndexCase(raw, shards, extra_dirs)
 
 
-def _fresh(name: str) -> Path:
-    d = Path(_scratch(name))
-    shutil.rmtree(d)
-    d.mkdir()
-    return d
+def _put(path: Path, data: bytes | None) -> None:
+    """Write `data` to `path`, or make sure no file is there (None); cheaper than a fresh folder per example."""
+    if data is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_bytes(data)
 
 
 def check_index(case: IndexCase) -> str:
@@ -318,17 +320,19 @@ def check_index(case: IndexCase) -> str:
     folder or a file in it."""
     from nlsr_fast.io import CheckpointReader
 
-    folder = _fresh("index") / "ckpt"
-    folder.mkdir()
-    (folder.parent / "outside.safetensors").write_bytes(case.shards["model-00001-of-00002.safetensors"])
+    folder = Path(_scratch("index")) / "ckpt"
+    if not folder.is_dir():  # the fixed part of the folder, made once per process
+        folder.mkdir()
+        (folder.parent / "outside.safetensors").write_bytes(case.shards["model-00001-of-00002.safetensors"])
+        (folder / "config.json").write_text('{"model_type": "llama"}')
+        os.symlink(folder.parent / "outside.safetensors", folder / "link.safetensors")
     for name, data in case.shards.items():
-        (folder / name).write_bytes(data)
-    (folder / "config.json").write_text('{"model_type": "llama"}')
-    os.symlink(folder.parent / "outside.safetensors", folder / "link.safetensors")
-    for d in case.extra_dirs:
-        (folder / d).mkdir(exist_ok=True)
-    if case.index is not None:
-        (folder / "model.safetensors.index.json").write_bytes(case.index)
+        _put(folder / name, data)
+    if case.extra_dirs:
+        (folder / "sub").mkdir(exist_ok=True)
+    elif (folder / "sub").is_dir():
+        (folder / "sub").rmdir()
+    _put(folder / "model.safetensors.index.json", case.index)
     try:
         reader = CheckpointReader(folder)
     except Exception as exc:  # noqa: BLE001
@@ -417,12 +421,10 @@ def check_adapter(case: AdapterCase) -> str:
     whose scales are finite and positive; or a ValueError / NotImplementedError naming the folder or a file in it."""
     from nlsr_fast.io import LoraAdapter, check_compatible
 
-    folder = _fresh("adapter") / "adapter"
-    folder.mkdir()
-    if case.config is not None:
-        (folder / "adapter_config.json").write_bytes(case.config)
-    if case.weights is not None:
-        (folder / "adapter_model.safetensors").write_bytes(case.weights)
+    folder = Path(_scratch("adapter")) / "adapter"
+    folder.mkdir(exist_ok=True)
+    _put(folder / "adapter_config.json", case.config)
+    _put(folder / "adapter_model.safetensors", case.weights)
     try:
         adapter = LoraAdapter.load(folder)
     except Exception as exc:  # noqa: BLE001
