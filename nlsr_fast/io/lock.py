@@ -7,7 +7,7 @@ the holder dies, however it dies: a lock file whose flock nobody holds, or whose
 stale and is taken over with a warning. The stale file is removed only while holding its flock and after checking
 that the name still points to it, so two runs taking over the same stale lock cannot both win.
 
-Within one process the lock is re-entrant: `atomic_output` takes it too, so a caller that already holds it (the
+Within one thread the lock is re-entrant: `atomic_output` takes it too, so a caller that already holds it (the
 realign API holds it for the whole run) nests without deadlock, and a caller that does not still gets its write
 protected.
 """
@@ -33,7 +33,9 @@ __all__ = ["OutputLock", "lock_path", "lock_holder"]
 
 log = logging.getLogger(__name__)
 
-_HELD: dict[str, int] = {}  # resolved lock path -> nesting depth, for the locks this process holds
+# resolved lock path -> [holding thread, nesting depth], for the locks this process holds. Re-entrance is per
+# thread: another thread of this process is another run.
+_HELD: dict[str, list[int]] = {}
 _HELD_GUARD = threading.Lock()
 
 
@@ -89,10 +91,11 @@ def _describe(info: dict[str, Any]) -> str:
 
 def lock_holder(out: str | os.PathLike[str]) -> dict[str, Any] | None:
     """Who holds the lock of `out` now: its JSON info, or None when the lock is free, stale, or held by this
-    process. Reads only; never takes or removes anything."""
+    thread. Reads only; never takes or removes anything."""
     path = lock_path(out)
     with _HELD_GUARD:
-        if _HELD.get(_key(path)):
+        entry = _HELD.get(_key(path))
+        if entry is not None and entry[0] == threading.get_ident():
             return None
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -104,7 +107,7 @@ def lock_holder(out: str | os.PathLike[str]) -> dict[str, Any] | None:
         if not held:
             return None
         if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
-            if info["pid"] == os.getpid() or not _pid_alive(info["pid"]):
+            if info["pid"] != os.getpid() and not _pid_alive(info["pid"]):
                 return None
         return info or {"pid": "?", "host": "?", "started": "?"}
     finally:
@@ -236,8 +239,9 @@ class OutputLock:
         key = _key(self.path) if self.path.parent.exists() else None
         if key is not None:
             with _HELD_GUARD:
-                if _HELD.get(key):
-                    _HELD[key] += 1
+                entry = _HELD.get(key)
+                if entry is not None and entry[0] == threading.get_ident():
+                    entry[1] += 1
                     self._nested = True
                     return self
         if not self.path.parent.exists():
@@ -263,7 +267,7 @@ class OutputLock:
             time.sleep(self.poll)
         self._fd = fd
         with _HELD_GUARD:
-            _HELD[_key(self.path)] = 1
+            _HELD[_key(self.path)] = [threading.get_ident(), 1]
         log.info("locked %s", self.path)
         return self
 
@@ -272,7 +276,7 @@ class OutputLock:
         key = _key(self.path)
         if self._nested:
             with _HELD_GUARD:
-                _HELD[key] -= 1
+                _HELD[key][1] -= 1
             self._nested = False
             return
         fd, self._fd = self._fd, None

@@ -180,3 +180,27 @@ def test_two_processes_race_one_wins(tmp_path: Path) -> None:
     procs = [subprocess.Popen([sys.executable, "-c", code, str(out), str(marker)]) for _ in range(3)]
     assert [p.wait() for p in procs] == [0, 0, 0]
     assert not lock_path(out).exists()
+
+
+def test_another_thread_of_this_process_is_another_run(tmp_path: Path) -> None:
+    """Re-entrance is per thread: a second run in another thread of the same process is refused like any other."""
+    out = tmp_path / "out"
+    errors: list[str] = []
+    holders: list[object] = []
+
+    def second() -> None:
+        holders.append(lock_holder(out))
+        try:
+            with OutputLock(out):
+                errors.append("acquired")
+        except ValueError as exc:
+            errors.append(str(exc))
+
+    with OutputLock(out):
+        t = threading.Thread(target=second)
+        t.start()
+        t.join()
+        assert lock_holder(out) is None  # this thread holds it
+    assert len(errors) == 1 and f"is locked by pid {os.getpid()}" in errors[0]
+    assert holders and isinstance(holders[0], dict) and holders[0]["pid"] == os.getpid()
+    assert not lock_path(out).exists()
