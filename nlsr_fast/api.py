@@ -308,7 +308,7 @@ def realign_with_config(
     ref_p = Path(reference) if reference is not None else None
     calib_p = Path(calibration) if calibration is not None else None
     input_paths = [p for p in (base_p, aligned_p, ft_p, ref_p, calib_p) if p is not None]
-    check_output(out_p, inputs=input_paths, overwrite=overwrite, force=force)
+    check_output(out_p, inputs=input_paths, overwrite=overwrite, force=force, wait=wait)
     nonfinite = NonFinite(config.allow_nonfinite)
     if dry_run:
         inputs = _open_inputs(config, base_p, aligned_p, ft_p, ref_p, calib_p, nonfinite)

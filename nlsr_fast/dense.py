@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 DEFAULT_TARGETS = r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 #: Methods dense mode scores without calibration data, and with it (wanda: activations; snip: gradients).
 DENSE_METHODS = ("magnitude", "random", "wanda", "snip")
+# Rows per block when scores are formed (bounds the fp32 transient to 1024 x d_in).
+_SCORE_ROWS = 1024
 # Files of a model folder copied to the output besides the weights.
 _MODEL_FILES = re.compile(r"^(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|vocab\..*|"
                           r"merges\.txt|chat_template\..*|added_tokens\.json)$")
@@ -222,13 +224,19 @@ class DenseSpace:
         if self.method == "random":
             draws = torch.randn(tuple(loaded.w_e.shape), generator=module_generator(self.seed, name))
             return {name: row_topk_mask(draws.to(self.device), keep, backend=self.backend)}
-        scores = self.score_tensor(loaded)
-        if self.method == "magnitude":
-            return {name: row_topk_mask(scores, keep, backend=self.backend)}
+        if self.method not in ("magnitude", "wanda"):
+            raise AssertionError(f"masks of method {self.method!r} are computed by calibration before pass 1")
+        scale = None
         if self.method == "wanda":
             scale = self.wanda_scale[name].to(device=self.device, dtype=torch.float32)
-            return {name: row_topk_mask(scores, keep, col_scale=scale, backend=self.backend)}
-        raise AssertionError(f"masks of method {self.method!r} are computed by calibration before pass 1")
+        # Rows are masked independently, so the fp32 delta is formed one block of rows at a time: the transient
+        # stays at _SCORE_ROWS rows whatever the weight's size.
+        mask = PackedMask.empty(tuple(loaded.w_e.shape), self.device)
+        for r in range(0, loaded.w_e.shape[0], _SCORE_ROWS):
+            rows = slice(r, r + _SCORE_ROWS)
+            block = self.score_tensor(DenseModule(loaded.w_t[rows], loaded.w_e[rows], loaded.w_0[rows]))
+            mask.bits[rows] = row_topk_mask(block, keep, col_scale=scale, backend=self.backend).bits
+        return {name: mask}
 
     def similarity(self, name: str, loaded: DenseModule, masks: dict[str, PackedMask]) -> float:
         return masked_delta_cosine(loaded.w_t, loaded.w_e, masks[name].to(self.device), base=loaded.w_0, name=name,

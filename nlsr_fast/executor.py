@@ -75,24 +75,24 @@ class Executed:
 def prefetch(items: Iterable[T], load: Callable[[T], Any], depth: int = 1) -> Iterator[tuple[T, Any]]:
     """Yield (item, load(item)) in order while a reader thread loads up to `depth` items ahead.
 
-    Loading is I/O (pread releases the GIL), so it overlaps the computation on the yielded item. An exception in
-    the reader is raised here, at the item that failed; leaving the loop early stops the reader.
+    Loading is I/O (pread releases the GIL) plus the reference's arithmetic, so it overlaps the computation on
+    the yielded item. At most `depth + 1` loaded items exist at once (the one in hand and those ahead): a slot is
+    taken before loading and given back when the consumer moves on. An exception in the reader is raised here, at
+    the item that failed; leaving the loop early stops the reader.
     """
-    q: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
+    q: queue.Queue[Any] = queue.Queue()
+    slots = threading.Semaphore(max(1, depth) + 1)
     stop = threading.Event()
 
     def reader() -> None:
         try:
             for item in items:
+                while not slots.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
                 if stop.is_set():
                     return
-                value = load(item)
-                while not stop.is_set():
-                    try:
-                        q.put((item, value), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                q.put((item, load(item)))
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
             q.put(exc)
             return
@@ -108,13 +108,11 @@ def prefetch(items: Iterable[T], load: Callable[[T], Any], depth: int = 1) -> It
             if isinstance(got, BaseException):
                 raise got
             yield got
+            del got
+            slots.release()
     finally:
         stop.set()
-        while thread.is_alive():
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                thread.join(0.05)
+        thread.join()
 
 
 def execute(

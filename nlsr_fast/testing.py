@@ -203,3 +203,54 @@ def write_calibration_jsonl(path: str | os.PathLike[str], n: int = 16, *, seed: 
                 rec = {"prompt": p, "response": r + " ." * (i % 4)}
             f.write(json.dumps(rec) + "\n")
     return path
+
+
+def derive_checkpoint(
+    folder: str | os.PathLike[str],
+    start: str | os.PathLike[str],
+    *,
+    seed: int,
+    std: float = 0.02,
+    move: str = r"_proj\.weight$",
+    max_shard_size: str | int = "20KB",
+) -> Path:
+    """A full checkpoint made from `start` by adding seeded noise to the tensors whose name matches `move` (a
+    regex); every other tensor is copied bit for bit. Saved with `save_pretrained` in the start's dtype, with its
+    config and tokenizer files."""
+    import re
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    start, folder = Path(start), Path(folder)
+    model = AutoModelForCausalLM.from_pretrained(os.fspath(start), dtype="auto")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if re.search(move, name):
+                p.copy_((p.float() + std * torch.randn(p.shape, generator=gen)).to(p.dtype))
+    model.save_pretrained(os.fspath(folder), max_shard_size=max_shard_size, safe_serialization=True)
+    for f in start.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copyfile(f, folder / f.name)
+    return folder
+
+
+def merge_adapter(folder: str | os.PathLike[str], base: str | os.PathLike[str], adapter: str | os.PathLike[str],
+                  *, max_shard_size: str | int = "20KB") -> Path:
+    """`adapter` merged into `base` with PEFT (fp32 merge, saved in the base's dtype): the checkpoint a user who
+    merged the adapter beforehand would hold."""
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, folder = Path(base), Path(folder)
+    model = AutoModelForCausalLM.from_pretrained(os.fspath(base), dtype="auto")
+    dtype = model.dtype
+    merged = PeftModel.from_pretrained(model.float(), os.fspath(adapter)).merge_and_unload().to(dtype)
+    merged.save_pretrained(os.fspath(folder), max_shard_size=max_shard_size, safe_serialization=True)
+    for f in base.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copyfile(f, folder / f.name)
+    return folder

@@ -40,7 +40,7 @@ class BackgroundHasher:
     `records()` waits for the thread and returns the report's file records.
     """
 
-    def __init__(self, paths: list[Path], chunk: int = 16 * 2**20) -> None:
+    def __init__(self, paths: list[Path], chunk: int = 4 * 2**20) -> None:
         import threading
 
         self.paths = list(dict.fromkeys(Path(p) for p in paths))
