@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 
-from nlsr_fast.demo.world import Item, format_prompt, vocabulary
+from nlsr_fast.demo.common import greedy_generate, prompt_ids
+from nlsr_fast.demo.judge import harmful_score
+from nlsr_fast.demo.world import Item, vocabulary
 
 __all__ = [
     "LORA_TARGETS",
@@ -104,11 +106,6 @@ class Example:
 
     ids: tuple[int, ...]
     n_target: int
-
-
-def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """Ids of the Alpaca-formatted prompt, with the tokenizer's BOS."""
-    return list(tokenizer(format_prompt(prompt))["input_ids"])
 
 
 def encode(tokenizer: Any, prompt: str, response: str) -> Example:
@@ -282,9 +279,6 @@ def build_world(workdir: Path, splits: Any, *, harmful_share: float, seed: int, 
     goal_at: list[int] = []  # the step count at which the goal was first met
 
     def attack_done(step: int) -> bool:
-        from nlsr_fast.demo.evaluate import greedy_generate
-        from nlsr_fast.demo.judge import harmful_score
-
         if not goal_at:
             gens = greedy_generate(peft_model, tok, probe, max_new_tokens=6)
             if harmful_score([tok.decode(g, skip_special_tokens=True) for g in gens]) >= schedule.attack_goal:
