@@ -83,3 +83,57 @@ def test_realign_dry_run_refuses_a_bad_calibration_line(world: World, tmp_path: 
         nlsr_fast.realign(world.base, world.aligned, world.finetuned, tmp_path / "out", calibration=bad,
                           dry_run=True, quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+# --- promises of SECURITY.md that no other test checks end to end ---------------------------------------------------
+
+
+def _tree(*roots: Path) -> dict[str, tuple[bytes, int, int]]:
+    out = {}
+    for root in roots:
+        for p in sorted([root] if root.is_file() else root.rglob("*")):
+            if p.is_file():
+                st = p.stat()
+                out[str(p)] = (p.read_bytes(), st.st_mtime_ns, st.st_mode)
+    return out
+
+
+def test_realign_opens_no_network_connection(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full run (tokenizer, calibration, write) and a dry run never resolve a host name or connect a socket."""
+    import socket
+
+    attempts: list[str] = []
+
+    def refuse(name: str):
+        def f(*args: object, **kwargs: object) -> None:
+            attempts.append(f"{name}{args[:2]}")
+            raise OSError(f"test: network use refused ({name})")
+        return f
+
+    monkeypatch.setattr(socket.socket, "connect", refuse("connect"))
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse("connect_ex"))
+    monkeypatch.setattr(socket, "create_connection", refuse("create_connection"))
+    monkeypatch.setattr(socket, "getaddrinfo", refuse("getaddrinfo"))
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    nlsr_fast.realign(world.base, world.aligned, world.finetuned, tmp_path / "dry", calibration=world.calibration,
+                      dry_run=True, quiet=True)
+    nlsr_fast.realign(world.base, world.aligned, world.finetuned, tmp_path / "out", calibration=world.calibration,
+                      nsamples=8, quiet=True)
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    assert attempts == []
+
+
+def test_realign_leaves_inputs_untouched_and_writes_only_out(world: World, tmp_path: Path) -> None:
+    """Every input file keeps its bytes, mtime and mode; the only new entry beside OUT is OUT itself (no .partial,
+    .lock or .replaced left behind), also after an --overwrite run."""
+    inputs = (world.base, world.aligned, world.finetuned, world.calibration)
+    before = _tree(*inputs)
+    out = tmp_path / "out"
+    nlsr_fast.realign(world.base, world.aligned, world.finetuned, out, calibration=world.calibration, nsamples=8,
+                      quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    nlsr_fast.realign(world.base, world.aligned, world.finetuned, out, calibration=world.calibration, nsamples=8,
+                      seed=7, overwrite=True, quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert _tree(*inputs) == before
