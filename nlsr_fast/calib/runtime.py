@@ -37,6 +37,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -428,7 +429,7 @@ def _targets_by_layer(model: _Model, targets: Sequence[str]) -> dict[int, list[s
     targets = list(targets)
     if not targets:
         raise ValueError("no target linears given")
-    dup = sorted({t for t in targets if targets.count(t) > 1})
+    dup = sorted(t for t, c in Counter(targets).items() if c > 1)
     if dup:
         raise ValueError(f"target linears given twice: {dup}")
     bad = [t for t in targets if t.endswith(".weight")]
