@@ -187,8 +187,10 @@ def atomic_output(
                 os.replace(out, old)
             os.replace(partial, out)
             _fsync_dir(out.parent.resolve())
-        except BaseException:
-            log.error("output %s not written; removing %s", out, partial)
+        except BaseException as exc:
+            # An interrupt is not an error to log (the CLI prints one "interrupted" line); other failures are.
+            level = logging.INFO if isinstance(exc, KeyboardInterrupt) else logging.ERROR
+            log.log(level, "output %s not written; removing %s", out, partial)
             _remove(partial)
             raise
         if old.exists() or old.is_symlink():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -65,13 +66,17 @@ def test_atomic_output_exception_cleans_up(tmp_path: Path, inp: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["input"]
 
 
-def test_atomic_output_keyboard_interrupt_cleans_up(tmp_path: Path, inp: Path) -> None:
+def test_atomic_output_keyboard_interrupt_cleans_up(tmp_path: Path, inp: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
+    with caplog.at_level(logging.INFO, logger="nlsr_fast.io"), pytest.raises(KeyboardInterrupt):
         with atomic_output(out, inputs=[inp]) as partial:
             (partial / "x").write_text("x")
             raise KeyboardInterrupt
-    assert not out.exists() and not Path(f"{out}.partial").exists()
+    assert not out.exists() and not Path(f"{out}.partial").exists() and not Path(f"{out}.lock").exists()
+    # Ctrl-C is not an error to log: the CLI prints its one "interrupted" line (issue 8: Ctrl-C was noisy).
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert any("removing" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("where", ["same", "inside", "deep_inside", "contains", "input_file_parent"])

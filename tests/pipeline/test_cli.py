@@ -361,3 +361,27 @@ def test_cli_overwrite_refuses_a_foreign_folder_unless_force(world: World, tmp_p
     assert (out / "holiday.jpg").read_bytes() == b"precious"
     assert cli.main(_args(world, out, "--method", "random", "--overwrite", "--force")) == 0
     assert not (out / "holiday.jpg").exists() and (out / "manifest.json").is_file()
+
+
+def test_cli_ctrl_c_during_a_real_run_leaves_nothing(world: World, tmp_path: Path) -> None:
+    """SIGINT while a real realign runs (sent once it holds OUT's lock): exit 130, the last line says interrupted,
+    no traceback and no error log, and no OUT, OUT.partial or OUT.lock is left."""
+    import os
+    import signal
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "nlsr_fast",
+                             *_args(world, out, "--calibration", str(world.calibration), "--method", "snip",
+                                    "--micro-batch", "1")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = Path(f"{out}.lock")
+    while not lock.exists() and proc.poll() is None:
+        os.sched_yield()
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1] == "nlsr-fast realign: interrupted" and "Traceback" not in err
+    assert not any(line.startswith(("ERROR", "WARNING nlsr_fast")) for line in lines), err
+    assert not out.exists() and not Path(f"{out}.partial").exists() and not lock.exists()
