@@ -15,9 +15,11 @@ by random JSON values; numbers nudged), so that most examples get past the first
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
+import shutil
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -203,6 +205,8 @@ def _scratch(name: str) -> str:
     shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
     base = os.environ.get("TMPDIR") or shm or "/tmp"
     root = Path(os.environ.get("NLSR_FUZZ_TMP") or Path(base) / f"nlsr_fuzz_{os.getpid()}")
+    if not root.exists() and not os.environ.get("NLSR_FUZZ_TMP"):
+        atexit.register(shutil.rmtree, root, True)  # ours: removed when the process ends
     d = root / name
     d.mkdir(parents=True, exist_ok=True)
     return str(d)
