@@ -6,6 +6,7 @@ plot, manifest -> rename. LoRA mode and dense mode differ only in their Space (l
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from nlsr_fast.config import MODE_METHODS, RealignConfig
+from nlsr_fast.distributed import Dist
 from nlsr_fast.io.finite import NonFinite
 from nlsr_fast.report import ModuleRecord, Report, versions
 
@@ -313,15 +315,20 @@ def realign_with_config(
     if dry_run:
         inputs = _open_inputs(config, base_p, aligned_p, ft_p, ref_p, calib_p, nonfinite)
         return _dry_run(config, inputs, out_p)
-    with OutputLock(out_p, wait=wait, inputs=input_paths):
+    dist = Dist.from_env(_resolve_device(config.device))
+    with contextlib.ExitStack() as stack:
+        # One lock per output, held by rank 0 for the whole job.
+        dist.on_root(lambda: bool(stack.enter_context(OutputLock(out_p, wait=wait, inputs=input_paths))))
         inputs = _open_inputs(config, base_p, aligned_p, ft_p, ref_p, calib_p, nonfinite)
         calib = _load_calibration(config, inputs)
-        progress = _Progress(quiet)
+        progress = _Progress(quiet or not dist.root)
         try:
             report = _run(config, inputs, calib, out_p, overwrite=overwrite, force=force, nonfinite=nonfinite,
-                          progress=progress, t_start=t_start)
+                          progress=progress, t_start=t_start, dist=dist)
         finally:
             progress.close()
+    report = dist.broadcast(report)
+    assert report is not None
     log.info("realign: restored %d of %d modules; wrote %s", report.counts["restored"], report.counts["modules"],
              out_p)
     return report
@@ -350,17 +357,25 @@ def _dry_run(config: RealignConfig, inputs: _Inputs, out_p: Path) -> Report:
 
 
 def _run(config: RealignConfig, inputs: _Inputs, calib: Any, out_p: Path, *, overwrite: bool, force: bool,
-         nonfinite: NonFinite, progress: _Progress, t_start: float) -> Report:
-    """Calibrate, execute and write the output folder through `<out>.partial`."""
+         nonfinite: NonFinite, progress: _Progress, t_start: float, dist: Dist) -> Report | None:
+    """Calibrate, execute and write the output folder through `<out>.partial` (rank 0 owns the folder; the other
+    ranks write their modules into it and return None)."""
     from nlsr_fast.io import atomic_output
     from nlsr_fast.io.hashing import BackgroundHasher
 
     roles = ["finetuned", "aligned", "reference"] + (["base"] if inputs.mode == "dense" or calib is not None else [])
-    hasher = BackgroundHasher([p for role in [*roles, "calibration"] for p in inputs.files(role)])
+    hasher = BackgroundHasher([p for role in [*roles, "calibration"] for p in inputs.files(role)]) if dist.root \
+        else None
     input_paths = [p for p in inputs.paths.values() if p is not None]
-    with atomic_output(out_p, inputs=input_paths, overwrite=overwrite, force=force) as tmp:
-        run = _build(config, inputs, calib, Path(tmp), nonfinite, progress)
+    with contextlib.ExitStack() as stack:
+        tmp = Path(dist.on_root(lambda: str(stack.enter_context(
+            atomic_output(out_p, inputs=input_paths, overwrite=overwrite, force=force)))))
+        run = _build(config, inputs, calib, tmp, nonfinite, progress, dist)
         executed = run.execute()
+        run.close()
+        dist.barrier()  # every rank's modules are written and synced
+        if not dist.root:
+            return None
         report = _report(config, inputs, calib, run, executed, hasher, out_p, nonfinite)
         run.finish(report)
         from nlsr_fast.pipeline.write import PLOT_FILE, REPORT_FILE, folder_bytes
@@ -374,11 +389,15 @@ def _run(config: RealignConfig, inputs: _Inputs, calib: Any, out_p: Path, *, ove
 
 
 def _build(config: RealignConfig, inputs: _Inputs, calib: Any, tmp: Path, nonfinite: NonFinite,
-           progress: _Progress) -> Any:
+           progress: _Progress, dist: Dist) -> Any:
+    """The mode's run; rank 0 plans (creates) the output files before the other ranks open them."""
     from nlsr_fast.runs import DenseRun, LoraRun
 
     cls = LoraRun if inputs.mode == "lora" else DenseRun
-    return cls(config, inputs, calib, tmp, nonfinite, progress, _resolve_device(config.device))
+    device = _resolve_device(config.device)
+    run = cls(config, inputs, calib, tmp, nonfinite, progress, device, dist) if dist.root else None
+    dist.barrier()
+    return run if run is not None else cls(config, inputs, calib, tmp, nonfinite, progress, device, dist)
 
 
 def _report(config: RealignConfig, inputs: _Inputs, calib: Any, run: Any, executed: Any, hasher: Any, out_p: Path,

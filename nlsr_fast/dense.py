@@ -158,10 +158,13 @@ class DenseOutput:
     def write(self, key: str, tensor: torch.Tensor) -> None:
         self._files[self._where[key]].write(key, tensor)
 
-    def finish(self) -> None:
-        """Close the shards and write the index (several shards only)."""
+    def close(self) -> None:
         for f in self._files:
             f.close()
+
+    def finish(self) -> None:
+        """Close the shards and write the index (several shards only)."""
+        self.close()
         if len(self.names) > 1:
             index = {"metadata": {"total_size": self.total_size},
                      "weight_map": {k: self.names[i] for k, i in sorted(self._where.items())}}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from nlsr_fast.config import RealignConfig
+from nlsr_fast.distributed import Dist
 from nlsr_fast.executor import Executed, execute
 from nlsr_fast.io.finite import NonFinite
 from nlsr_fast.ops import row_topk_mask
@@ -48,13 +50,28 @@ class _Run:
     mask_shapes: dict[str, tuple[int, ...]]
 
     def __init__(self, config: RealignConfig, inputs: Any, calib: Any, tmp: Path, nonfinite: NonFinite,
-                 progress: Any, device: torch.device) -> None:
-        self.config, self.inputs, self.calib, self.tmp = config, inputs, calib, tmp
-        self.nonfinite, self.progress, self.device = nonfinite, progress, device
+                 progress: Any, device: torch.device, dist: Dist) -> None:
+        self.config, self.inputs, self.tmp = config, inputs, tmp
+        self.nonfinite, self.progress, self.device, self.dist = nonfinite, progress, device, dist
         self.metadata = {"format": "pt", "nlsr_fast": _version()}
+        # Data-parallel calibration: each process takes every world-th sample and the forward statistics (Grams,
+        # squared inputs: fp64 sums) are summed over processes. Gradient scores are not split: the engine sums
+        # |dL/dW| in fp32 per micro-batch (a 70B layer of scores is 3.4 GB), so partial sums from several processes
+        # would round differently from one process and could flip near-ties (and the official running sum depends
+        # on the sample order); every process computes them on every sample, so the output stays bit-identical.
+        self.split = dist.active and config.method in ("low_rank", "wanda")
+        self.calib = dist.shard_samples(calib) if self.split else calib
+        self.reduce = dist.sum_stats if self.split else None
 
     def open_masks(self) -> None:
-        self.masks_file = MasksFile(self.tmp / MASKS_FILE, self.mask_shapes)
+        self.masks_file = MasksFile(self.tmp / MASKS_FILE, self.mask_shapes, create=self.dist.root)
+
+    def owns(self, name: str) -> bool:
+        """Whether this process computes module `name` (contiguous runs of modules of about equal size)."""
+        if not hasattr(self, "_owner"):
+            sizes = [sum(math.prod(self.mask_shapes[k]) for k in self.space.mask_keys(n)) for n in self.space.modules]
+            self._owner = dict(zip(self.space.modules, self.dist.owners(sizes), strict=True))
+        return self._owner[name] == self.dist.rank
 
     def calibrate(self) -> Any:
         """Masks made from calibration data before pass 1 (a callable name -> masks), or None."""
@@ -65,8 +82,10 @@ class _Run:
         precomputed = self.calibrate()
         if precomputed is not None:
             self.progress.stage("calibrate", time.perf_counter() - start)
+        names = self.space.modules
         executed = execute(self.space, masks_file=self.masks_file, select_kwargs=_select_kwargs(self.config),
-                           progress=self.progress, precomputed_masks=precomputed)
+                           progress=self.progress, precomputed_masks=precomputed,
+                           owned=lambda i: self.owns(names[i]), root=self.dist.root, gather=self.dist.gather)
         for name, seconds in executed.timings.items():
             self.progress.stage(name, seconds)
         return executed
@@ -89,7 +108,7 @@ class LoraRun(_Run):
             self.mask_shapes[key_a], self.mask_shapes[key_b] = (m.rank, m.d_in), (m.d_out, m.rank)
         self.open_masks()
         plan = [(k, ft.raw_dtype(k), ft.raw_shape(k)) for k in ft.raw_keys]
-        self.out = PlannedSafetensors(self.tmp / ADAPTER_SAFETENSORS, plan, self.metadata)
+        self.out = PlannedSafetensors(self.tmp / ADAPTER_SAFETENSORS, plan, self.metadata, create=self.dist.root)
         given = self.inputs.reference is not None
         self.space = LoraSpace(ft, self.inputs.reference if given else self.inputs.aligned, preset=cfg.preset_spec,
                                amplify_alpha=None if given else cfg.alpha, method=cfg.method, sparsity=cfg.sparsity,
@@ -109,15 +128,19 @@ class LoraRun(_Run):
         masks = score(cfg.method, ref, sparsity=cfg.sparsity, preset=cfg.preset_spec, seed=cfg.seed,
                       base=self.inputs.base, calib=self.calib, scales=scales, sequential=cfg.sequential,
                       backend=cfg.backend, progress=self.progress.layers(f"calibration ({cfg.method})"),
-                      **_engine_kwargs(cfg, self.device))
+                      reduce=self.reduce, **_engine_kwargs(cfg, self.device))
         del ref
         return lambda name: dict(zip(space.mask_keys(name), masks[name], strict=True))
+
+    def close(self) -> None:
+        """fsync and close this process's output files."""
+        self.out.close()
+        self.masks_file.close()
 
     def finish(self, report: Any) -> None:
         from nlsr_fast.io.adapter import ADAPTER_CONFIG
 
-        self.out.close()
-        self.masks_file.close()
+        self.close()
         ft = self.inputs.finetuned
         text = json.dumps(dict(ft.config), sort_keys=True, indent=2) + "\n"
         (self.tmp / ADAPTER_CONFIG).write_text(text, encoding="utf-8")
@@ -135,7 +158,8 @@ class DenseRun(_Run):
         self.mask_shapes = {name: tuple(ft.shape(f"{name}.weight")) for name in self.inputs.modules}
         self.open_masks()
         plan = [(k, ft.dtype(k), tuple(ft.shape(k))) for k in ft.keys()]
-        self.out = DenseOutput(self.tmp, plan, max_shard_bytes=cfg.max_shard_bytes, metadata=self.metadata)
+        self.out = DenseOutput(self.tmp, plan, max_shard_bytes=cfg.max_shard_bytes, metadata=self.metadata,
+                               create=self.dist.root)
         self.space = DenseSpace(self.inputs.base, self.inputs.aligned, ft, self.inputs.reference,
                                 targets=self.inputs.modules, method=cfg.method, score_on=cfg.score_on,
                                 sparsity=cfg.sparsity, alpha=cfg.alpha, seed=cfg.seed, backend=cfg.backend,
@@ -153,14 +177,21 @@ class DenseRun(_Run):
         if cfg.method == "wanda":
             stats = engine.collect_dense_statistics(reader, space.modules, self.calib, progress=layers,
                                                     **_engine_kwargs(cfg, self.device))
+            if self.reduce is not None:
+                self.reduce(stats)
             space.wanda_scale = {n: (st.x_sq.double() / max(int(st.n_samples), 1)).sqrt().float()
                                  for n, st in stats.items()}
             return None
         keep = 1.0 - cfg.sparsity
 
         def on_layer(layer: int, grads: dict[str, torch.Tensor]) -> None:
-            # One layer of summed |dL/dW| at a time: each becomes its mask at once (written to masks.safetensors).
+            # One layer of summed |dL/dW| at a time: each becomes its mask at once (written to masks.safetensors by
+            # the process that owns the module).
+            if self.reduce is not None:
+                self.reduce(grads)
             for name, grad in grads.items():
+                if not self.owns(name):
+                    continue
                 scores = space.score_tensor(space.load(name))
                 self.masks_file.write(name, row_topk_mask(scores, keep, grad=grad.to(scores.device).float(),
                                                           backend=cfg.backend))
@@ -170,11 +201,16 @@ class DenseRun(_Run):
                                      **_engine_kwargs(cfg, self.device))
         return lambda name: self.masks_file.read([name])
 
+    def close(self) -> None:
+        """fsync and close this process's output files."""
+        self.out.close()
+        self.masks_file.close()
+
     def finish(self, report: Any) -> None:
         from nlsr_fast.dense import copy_model_files
 
+        self.close()
         self.out.finish()
-        self.masks_file.close()
         ft = self.inputs.finetuned
         src = ft.folder if ft.adapter is None else self.inputs.base.folder
         copy_model_files(src, self.tmp)

@@ -172,6 +172,7 @@ def score(
     device: torch.device | str | None = None,
     backend: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    reduce: Callable[[dict[str, Any]], Any] | None = None,
 ) -> Masks:
     """Masks of the reference adapter for `method`, running the calibration it needs.
 
@@ -188,6 +189,8 @@ def score(
         micro_batch, dtype, device: calibration forward settings (None = engine defaults).
         backend: ops backend.
         progress: optional callback(done_layers, total) passed to the engine.
+        reduce: for several processes, sums statistics over them in place ({module: stats or grads}); called on
+            each layer's statistics before the sequential transform, else on all statistics before the masks.
     Returns:
         {module: (mask_A, mask_B)}.
     """
@@ -210,9 +213,18 @@ def score(
             if sequential
             else None
         )
+        if transform is not None and reduce is not None:
+            inner = transform
+
+            def transform(layer: int, layer_stats: Mapping[str, Any]) -> Factors:
+                reduce(dict(layer_stats))
+                return inner(layer, layer_stats)
+
         stats = engine.collect_lora_statistics(
             base, factors, calib, sequential=sequential, transform=transform, **engine_kw
         )
+        if reduce is not None and not sequential:
+            reduce(stats)
         masks = masks_from_statistics(
             method,
             {k: v for k, v in ref_factors.items() if k not in cache},
@@ -226,4 +238,6 @@ def score(
     grads = engine.lora_gradient_scores(
         base, factors, calib, loss=loss, accumulate=preset.snip_accumulate, **engine_kw
     )
+    if reduce is not None:
+        reduce(grads)
     return masks_from_statistics(method, ref_factors, sparsity=sparsity, preset=preset, grads=grads, backend=backend)
