@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import subprocess
 import sys
 import traceback
@@ -213,7 +214,8 @@ def _realign(args: argparse.Namespace) -> int:
         raise
     kwargs: dict[str, Any] = dict(paths, **switches)
     report = realign_with_config(config, args.base, args.aligned, args.finetuned, args.out, **kwargs)
-    print(report.table())
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the job
+        print(report.table())
     return 0
 
 
