@@ -41,7 +41,7 @@ _HELD_GUARD = threading.Lock()
 
 def lock_path(out: str | os.PathLike[str]) -> Path:
     """The lock file of output `out`: `<out>.lock`."""
-    return Path(f"{os.fspath(out)}.lock")
+    return Path(f"{Path(out)}.lock")  # Path() drops a trailing slash: "out/" locks "out.lock", not "out/.lock"
 
 
 def _key(path: Path) -> str:

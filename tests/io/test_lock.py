@@ -204,3 +204,11 @@ def test_another_thread_of_this_process_is_another_run(tmp_path: Path) -> None:
     assert len(errors) == 1 and f"is locked by pid {os.getpid()}" in errors[0]
     assert holders and isinstance(holders[0], dict) and holders[0]["pid"] == os.getpid()
     assert not lock_path(out).exists()
+
+
+def test_lock_path_ignores_a_trailing_slash(tmp_path: Path) -> None:
+    out = f"{tmp_path / 'out'}/"
+    assert lock_path(out) == tmp_path / "out.lock"
+    with OutputLock(out) as lock:
+        assert lock.path == tmp_path / "out.lock" and lock.path.exists()
+    assert not (tmp_path / "out").exists()
