@@ -338,20 +338,9 @@ def _check_lora(out: Path, report: dict[str, Any], records: list[dict[str, Any]]
                  rec.get("changed_a") if isinstance(rec.get("changed_a"), int) else None, problems)
         _compare(f"module {name}: lora_B", b_o, b_t, b_e, masks[f"{name}.lora_B"], restored,
                  rec.get("changed_b") if isinstance(rec.get("changed_b"), int) else None, problems)
-    if ft is not None:
-        module_keys = {k for n in names for k in (out_ad.key_a(n), out_ad.key_b(n))}
-        actions = _extra_actions(report)
-        for key in out_ad.raw_keys:
-            if key in module_keys:
-                continue
-            action = actions.get(key)
-            if action is not None and not action.startswith("kept"):
-                continue  # replaced on purpose (report.json says by what)
-            if bool(_differ(out_ad.raw(key), ft.raw(key)).any()) or out_ad.raw_dtype(key) != ft.raw_dtype(key):
-                problems.append(f"tensor {key}: differs from the fine-tuned input, and report.json records no "
-                                "replacement")
-        if len(problems) == n_before:
-            checked.append("unrestored weights equal the fine-tuned input bit for bit")
+    _check_lora_extras(out_ad, ft, names, report, paths, problems, checked)
+    if ft is not None and len(problems) == n_before:
+        checked.append("unrestored weights equal the fine-tuned input bit for bit")
     if ref_ad is not None and len(problems) == n_before:
         how = "the given reference" if source == "reference" else "the reference recomputed from the aligned adapter"
         checked.append(f"restored entries equal {how}")
@@ -360,6 +349,49 @@ def _check_lora(out: Path, report: dict[str, Any], records: list[dict[str, Any]]
         ft.close()
     if ref_ad is not None:
         ref_ad.close()
+
+
+def _check_lora_extras(out_ad: Any, ft: Any, names: list[str], report: dict[str, Any], paths: Mapping[str, Path],
+                       problems: list[str], checked: list[str]) -> None:
+    """The output's non-LoRA tensors (modules_to_save heads, others): each listed in report.json; a kept one equals
+    the fine-tuned input, a replaced one the aligned adapter's copy or else the base's tensor (as realign picks)."""
+    from nlsr_fast.io import CheckpointReader, LoraAdapter
+    from nlsr_fast.lora import base_key_of_extra
+
+    module_keys = {k for n in names for k in (out_ad.key_a(n), out_ad.key_b(n))}
+    extras = [k for k in out_ad.raw_keys if k not in module_keys]
+    if not extras:
+        return
+    actions = _extra_actions(report)
+    aligned = LoraAdapter.load(paths["aligned"]) if "aligned" in paths else None
+    base = CheckpointReader(paths["base"]) if "base" in paths else None
+    n_before, compared = len(problems), 0
+    for key in extras:
+        action = actions.get(key)
+        out_t = out_ad.raw(key)
+        if action is None:
+            problems.append(f"tensor {key}: a non-LoRA tensor in the output that report.json does not list "
+                            "(copied silently)")
+            continue
+        if action.startswith("kept"):
+            want, what = (ft.raw(key) if ft is not None and key in ft.raw_keys else None), "the fine-tuned input"
+        else:
+            want, what = None, "its replacement"
+            if aligned is not None and key in aligned.raw_keys:
+                want, what = aligned.raw(key), f"the aligned adapter's {key}"
+            elif base is not None and base_key_of_extra(key) in base:
+                want, what = base.get(base_key_of_extra(key)), f"the base's {base_key_of_extra(key)}"
+            if want is not None:
+                want = want.to(out_t.dtype)
+        if want is None:
+            continue
+        compared += 1
+        if tuple(want.shape) != tuple(out_t.shape) or out_t.dtype != want.dtype or bool(_differ(out_t, want).any()):
+            problems.append(f"tensor {key}: differs from {what} (report.json: {action!r})")
+    if compared and len(problems) == n_before:
+        checked.append(f"{compared} non-LoRA tensor(s) equal what report.json says was done with them")
+    if aligned is not None:
+        aligned.close()
 
 
 def _check_dense(out: Path, report: dict[str, Any], records: list[dict[str, Any]], masks: Mapping[str, Any],

@@ -303,3 +303,48 @@ def test_dense_output_from_adapters_verifies(world: _World, tmp_path: Path) -> N
     assert problems == [] and any("pass --base too" in c for c in checked)
     # Another fine-tuned model is caught.
     assert verify(out, base=world.base, finetuned=world.aligned) != []
+
+
+NORM = "base_model.model.model.norm.weight"  # a non-LoRA tensor in an adapter (like a modules_to_save head)
+
+
+@pytest.fixture(scope="module")
+def ft_extra(world: _World) -> Path:
+    """The fine-tuned adapter plus a trained non-LoRA tensor."""
+    from safetensors.torch import load_file, save_file
+
+    from nlsr_fast.io import CheckpointReader
+
+    dst = world.root / "finetuned_extra"
+    shutil.copytree(world.finetuned, dst)
+    sd = load_file(str(dst / "adapter_model.safetensors"))
+    sd[NORM] = CheckpointReader(world.base).get("model.norm.weight").clone() + 0.5
+    save_file(sd, str(dst / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("policy", ["keep", "restore"])
+def test_non_lora_tensors_are_checked(world: _World, ft_extra: Path, tmp_path: Path, policy: str) -> None:
+    """issue 8 item 3: a non-LoRA tensor must never pass silently; verify checks it against what report.json says
+    was done with it."""
+    out = tmp_path / policy
+    nlsr_fast.realign(world.base, world.aligned, ft_extra, out, method="random", quiet=True, extra_tensors=policy)
+    problems, checked = verify_summary(out, base=world.base, aligned=world.aligned, finetuned=ft_extra)
+    assert problems == [], problems
+    assert "1 non-LoRA tensor(s) equal what report.json says was done with them" in checked
+    # Forged: the tensor changed after the run.
+    forged = _copy(out, tmp_path / f"{policy}_forged")
+
+    def change(t: dict) -> None:
+        t[NORM] = t[NORM] + 1.0
+
+    _rewrite_adapter(forged, change)
+    assert any(f"tensor {NORM}: differs from" in p
+               for p in verify(forged, base=world.base, aligned=world.aligned, finetuned=ft_extra))
+    # Forged: report.json does not list it (a silent copy).
+    silent = _copy(out, tmp_path / f"{policy}_silent")
+    rep = _report(silent)
+    rep["extra_tensors"] = []
+    _set_report(silent, rep)
+    assert verify(silent) == [f"tensor {NORM}: a non-LoRA tensor in the output that report.json does not list "
+                              "(copied silently)"]
