@@ -235,6 +235,25 @@ def _compare(label: str, out_t: torch.Tensor, ft_t: torch.Tensor | None, ref_t: 
             problems.append(f"{label}: {inside} masked entries differ from the reference")
 
 
+def _check_finite(report: dict[str, Any], tensors: Any, problems: list[str], checked: list[str]) -> None:
+    """Unless the run allowed non-finite inputs (config.allow_nonfinite), every output tensor must be finite."""
+    from nlsr_fast.io.finite import first_nonfinite
+
+    if _section(report, "config").get("allow_nonfinite") is True:
+        checked.append("non-finite values NOT checked: the run allowed them (report.json lists the inputs' ones)")
+        return
+    n_before, n = len(problems), 0
+    for key, t in tensors:
+        n += 1
+        found = first_nonfinite(t)
+        if found is not None:
+            index, value, count = found
+            problems.append(f"tensor {key}: {count} non-finite value(s), the first at flat index {index} ({value}); "
+                            "the run did not allow non-finite inputs")
+    if len(problems) == n_before:
+        checked.append(f"all {n} output tensors finite")
+
+
 def _extra_actions(report: dict[str, Any]) -> dict[str, str]:
     out: dict[str, str] = {}
     for rec in report.get("extra_tensors") or []:
@@ -301,6 +320,7 @@ def _check_lora(out: Path, report: dict[str, Any], records: list[dict[str, Any]]
         problems.append(f"{out}: the adapter's module {unlisted[0]} is not in report.json ({len(unlisted)} unlisted)")
     if missing or unlisted:
         return
+    _check_finite(report, ((k, out_ad.raw(k)) for k in out_ad.raw_keys), problems, checked)
     ft = LoraAdapter.load(paths["finetuned"]) if "finetuned" in paths else None
     source = _reference_source(report, paths, checked)
     ref_ad = None
@@ -404,6 +424,7 @@ def _check_dense(out: Path, report: dict[str, Any], records: list[dict[str, Any]
         problems.append(f"{out}: not a readable checkpoint ({exc})")
         return
     names = [r["name"] for r in records]
+    _check_finite(report, ((k, out_ck.get(k)) for k in out_ck.keys()), problems, checked)
     missing = [n for n in names if f"{n}.weight" not in out_ck]
     if missing:
         problems.append(f"{out}: report.json's module {missing[0]} has no weight {missing[0]}.weight in the "

@@ -348,3 +348,19 @@ def test_non_lora_tensors_are_checked(world: _World, ft_extra: Path, tmp_path: P
     _set_report(silent, rep)
     assert verify(silent) == [f"tensor {NORM}: a non-LoRA tensor in the output that report.json does not list "
                               "(copied silently)"]
+
+
+def test_non_finite_output_is_found(good: Path, tmp_path: Path) -> None:
+    """issue 8 item 2: NaN in the weights passed straight through; an output of a run that did not allow
+    non-finite inputs must hold none."""
+    out = _copy(good, tmp_path / "nan")
+    ad = LoraAdapter.load(out)
+    key = ad.raw_keys[1]
+    ad.close()
+
+    def change(t: dict) -> None:
+        t[key].view(-1)[5] = float("nan")
+
+    _rewrite_adapter(out, change)
+    assert verify(out) == [f"tensor {key}: 1 non-finite value(s), the first at flat index 5 (nan); the run did not "
+                           "allow non-finite inputs"]
