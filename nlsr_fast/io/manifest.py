@@ -127,6 +127,7 @@ def check_manifest(folder: str | os.PathLike[str]) -> list[str]:
         return [str(exc)]
     problems: list[str] = []
     listed: set[str] = set()
+    to_hash: list[tuple[Path, Any]] = []
     for i, entry in enumerate(data["files"]):
         if not isinstance(entry, dict):
             problems.append(f"{root / MANIFEST_FILE}: entry {i} is not an object")
@@ -150,9 +151,13 @@ def check_manifest(folder: str | os.PathLike[str]) -> list[str]:
         if size != entry.get("size"):
             problems.append(f"{p}: size {size} bytes, the manifest says {entry.get('size')}")
             continue
-        digest = sha256_file(p)
-        if digest != entry.get("sha256"):
-            problems.append(f"{p}: sha256 {digest} differs from the manifest's {entry.get('sha256')}")
+        to_hash.append((p, entry.get("sha256")))
+    workers = max(1, min(8, len(to_hash), os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        digests = list(pool.map(lambda item: sha256_file(item[0]), to_hash))
+    for (p, want), digest in zip(to_hash, digests, strict=True):
+        if digest != want:
+            problems.append(f"{p}: sha256 {digest} differs from the manifest's {want}")
     for rel in _files(root):
         if rel not in listed:
             problems.append(f"{root / rel}: not listed in the manifest (added after it was written)")
