@@ -134,7 +134,7 @@ def test_prefetch_raises_the_loader_error_at_the_failing_item() -> None:
 
     got = []
     with pytest.raises(ValueError, match="bad tensor at item 5"):
-        for item, value in prefetch(range(10), load, depth=2):
+        for _item, value in prefetch(range(10), load, depth=2):
             got.append(value)
     assert got == [0, 1, 2, 3, 4]
     assert not _reader_threads()
