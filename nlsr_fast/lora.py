@@ -138,7 +138,7 @@ class LoraSpace:
     def similarity(self, name: str, loaded: LoraModuleTensors, masks: dict[str, PackedMask]) -> float:
         key_a, key_b = lora_mask_keys(name)
         return similarity({name: loaded.ft}, {name: loaded.ref}, {name: (masks[key_a], masks[key_b])},
-                          backend=self.backend)[name]
+                          backend=self.backend, warn=False)[name]
 
     def write_finetuned(self, name: str, loaded: LoraModuleTensors) -> None:
         if self.out is not None:

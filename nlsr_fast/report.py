@@ -129,10 +129,15 @@ class Report:
             )
         lines.append("-" * len(head))
         cfg = self.config
+        changed = sum(m.changed_a + m.changed_b for m in self.modules)
+        # A module whose masks are all empty (sparsity 1) has nothing to restore: say so rather than let
+        # "restored k" suggest that k modules changed.
+        empty = sum(1 for m in self.modules if m.density_a == 0.0 and m.density_b == 0.0)
         lines.append(
             f"preset {cfg.get('preset')}, method {cfg.get('method')}, sparsity {cfg.get('sparsity')}, "
             f"selection {cfg.get('selection')}: restored {self.counts.get('restored', 0)} of "
-            f"{self.counts.get('modules', len(self.modules))} modules"
+            f"{self.counts.get('modules', len(self.modules))} modules, {changed} entries changed"
+            + (f"; {empty} modules have all-empty masks (nothing to restore in them)" if empty else "")
         )
         if self.timings:
             lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))

@@ -21,6 +21,7 @@ def similarity(
     masks: Mapping[str, tuple[PackedMask, PackedMask]],
     *,
     backend: str | None = None,
+    warn: bool = True,
 ) -> dict[str, float]:
     """S_m = cos((M_B*B_t)(M_A*A_t), (M_B*B_e)(M_A*A_e)) for every module, through r x r Grams.
 
@@ -29,6 +30,9 @@ def similarity(
         ref_factors: {module: (A_e, B_e)}, same shapes (any float dtypes).
         masks: {module: (mask_A (r, d_in), mask_B (d_out, r))} from the reference.
         backend: ops backend; None picks the fastest available.
+        warn: also issue each zero-norm warning as a Python RuntimeWarning (it is always logged). The streaming
+            executor passes False: the CLI shows logs and Python warnings both, so each module's warning would
+            print twice.
     Returns:
         {module: S_m} as Python floats in ft_factors' order; a zero-norm module gives 0.0 with a warning naming it.
     """
@@ -53,7 +57,9 @@ def similarity(
                 backend=backend,
             )
         for w in caught:
-            # Re-issue as a logged warning too: the CLI shows logs, not Python warnings.
+            # Logged (the CLI shows logs), and re-issued as a Python warning for in-memory callers unless `warn`
+            # is off; one line per module either way on the CLI.
             log.warning("%s", w.message)
-            warnings.warn(str(w.message), RuntimeWarning, stacklevel=2)
+            if warn:
+                warnings.warn(str(w.message), RuntimeWarning, stacklevel=2)
     return out
