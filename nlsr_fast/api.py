@@ -22,6 +22,7 @@ from nlsr_fast.config import MODE_METHODS, RealignConfig
 from nlsr_fast.distributed import Dist
 from nlsr_fast.io.finite import NonFinite
 from nlsr_fast.report import ModuleRecord, Report, versions
+from nlsr_fast.resume import Journal, fingerprint, resumable
 
 __all__ = ["realign", "realign_with_config"]
 
@@ -310,21 +311,27 @@ def realign_with_config(
     ref_p = Path(reference) if reference is not None else None
     calib_p = Path(calibration) if calibration is not None else None
     input_paths = [p for p in (base_p, aligned_p, ft_p, ref_p, calib_p) if p is not None]
-    check_output(out_p, inputs=input_paths, overwrite=overwrite, force=force, wait=wait)
+    dist = Dist.from_env(_resolve_device(config.device)) if not dry_run else Dist()
+    run_print = fingerprint(config.to_dict(), input_paths, dist.world)
+    # Up front, before any work (rank 0 for the job: the others would see its lock).
+    dist.on_root(lambda: check_output(out_p, inputs=input_paths, overwrite=overwrite, force=force, wait=wait,
+                                      resumable=lambda partial: resumable(partial, run_print)))
     nonfinite = NonFinite(config.allow_nonfinite)
     if dry_run:
         inputs = _open_inputs(config, base_p, aligned_p, ft_p, ref_p, calib_p, nonfinite)
         return _dry_run(config, inputs, out_p)
-    dist = Dist.from_env(_resolve_device(config.device))
     with contextlib.ExitStack() as stack:
         # One lock per output, held by rank 0 for the whole job.
         dist.on_root(lambda: bool(stack.enter_context(OutputLock(out_p, wait=wait, inputs=input_paths))))
+        # Again under the lock: a run we waited for may have written OUT (or left OUT.partial) meanwhile.
+        dist.on_root(lambda: check_output(out_p, inputs=input_paths, overwrite=overwrite, force=force,
+                                          resumable=lambda partial: resumable(partial, run_print)))
         inputs = _open_inputs(config, base_p, aligned_p, ft_p, ref_p, calib_p, nonfinite)
         calib = _load_calibration(config, inputs)
         progress = _Progress(quiet or not dist.root)
         try:
             report = _run(config, inputs, calib, out_p, overwrite=overwrite, force=force, nonfinite=nonfinite,
-                          progress=progress, t_start=t_start, dist=dist)
+                          progress=progress, t_start=t_start, dist=dist, run_print=run_print)
         finally:
             progress.close()
     report = dist.broadcast(report)
@@ -357,7 +364,7 @@ def _dry_run(config: RealignConfig, inputs: _Inputs, out_p: Path) -> Report:
 
 
 def _run(config: RealignConfig, inputs: _Inputs, calib: Any, out_p: Path, *, overwrite: bool, force: bool,
-         nonfinite: NonFinite, progress: _Progress, t_start: float, dist: Dist) -> Report | None:
+         nonfinite: NonFinite, progress: _Progress, t_start: float, dist: Dist, run_print: str) -> Report | None:
     """Calibrate, execute and write the output folder through `<out>.partial` (rank 0 owns the folder; the other
     ranks write their modules into it and return None)."""
     from nlsr_fast.io import atomic_output
@@ -368,15 +375,22 @@ def _run(config: RealignConfig, inputs: _Inputs, calib: Any, out_p: Path, *, ove
         else None
     input_paths = [p for p in inputs.paths.values() if p is not None]
     with contextlib.ExitStack() as stack:
-        tmp = Path(dist.on_root(lambda: str(stack.enter_context(
-            atomic_output(out_p, inputs=input_paths, overwrite=overwrite, force=force)))))
-        run = _build(config, inputs, calib, tmp, nonfinite, progress, dist)
+        tmp = Path(dist.on_root(lambda: str(stack.enter_context(atomic_output(
+            out_p, inputs=input_paths, overwrite=overwrite, force=force,
+            resumable=lambda partial: resumable(partial, run_print))))))
+        journal = Journal(tmp, run_print, rank=dist.rank, create=dist.root) if dist.root else None
+        dist.barrier()
+        journal = journal or Journal(tmp, run_print, rank=dist.rank, create=False)
+        run = _build(config, inputs, calib, tmp, nonfinite, progress, dist, journal)
         executed = run.execute()
         run.close()
         dist.barrier()  # every rank's modules are written and synced
         if not dist.root:
+            journal.close()
             return None
+        journal.remove()
         report = _report(config, inputs, calib, run, executed, hasher, out_p, nonfinite)
+        report.counts.update({f"resumed_{kind}": n for kind, n in journal.resumed.items()})
         run.finish(report)
         from nlsr_fast.pipeline.write import PLOT_FILE, REPORT_FILE, folder_bytes
 
@@ -389,15 +403,15 @@ def _run(config: RealignConfig, inputs: _Inputs, calib: Any, out_p: Path, *, ove
 
 
 def _build(config: RealignConfig, inputs: _Inputs, calib: Any, tmp: Path, nonfinite: NonFinite,
-           progress: _Progress, dist: Dist) -> Any:
+           progress: _Progress, dist: Dist, journal: Journal) -> Any:
     """The mode's run; rank 0 plans (creates) the output files before the other ranks open them."""
     from nlsr_fast.runs import DenseRun, LoraRun
 
     cls = LoraRun if inputs.mode == "lora" else DenseRun
-    device = _resolve_device(config.device)
-    run = cls(config, inputs, calib, tmp, nonfinite, progress, device, dist) if dist.root else None
+    args = (config, inputs, calib, tmp, nonfinite, progress, _resolve_device(config.device), dist, journal)
+    run = cls(*args) if dist.root else None
     dist.barrier()
-    return run if run is not None else cls(config, inputs, calib, tmp, nonfinite, progress, device, dist)
+    return run if run is not None else cls(*args)
 
 
 def _report(config: RealignConfig, inputs: _Inputs, calib: Any, run: Any, executed: Any, hasher: Any, out_p: Path,

@@ -151,8 +151,9 @@ class DenseOutput:
         self.names = [SAFE_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self.folder = folder
         self.total_size = sum(math.prod(s) * d.itemsize for _, d, s in plan)
-        self._files = [PlannedSafetensors(folder / name, group, metadata, create=create)
-                       for name, group in zip(self.names, groups, strict=True)]
+        # `create`: this process may plan the shards; one that exists already (a resumed run's) is opened.
+        self._files = [PlannedSafetensors(folder / n, group, metadata, create=create and not (folder / n).exists())
+                       for n, group in zip(self.names, groups, strict=True)]
         self._where = {key: i for i, group in enumerate(groups) for key, _, _ in group}
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
@@ -242,8 +243,11 @@ class DenseSpace:
         return {name: mask}
 
     def similarity(self, name: str, loaded: DenseModule, masks: dict[str, PackedMask]) -> float:
-        return masked_delta_cosine(loaded.w_t, loaded.w_e, masks[name].to(self.device), base=loaded.w_0, name=name,
-                                   backend=self.backend)
+        from nlsr_fast.pipeline.similarity import logged_warnings
+
+        with logged_warnings():
+            return masked_delta_cosine(loaded.w_t, loaded.w_e, masks[name].to(self.device), base=loaded.w_0,
+                                       name=name, backend=self.backend)
 
     def write_finetuned(self, name: str, loaded: DenseModule) -> None:
         if self.out is not None:

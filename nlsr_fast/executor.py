@@ -125,6 +125,7 @@ def execute(
     gather: Callable[[dict[str, Any]], dict[str, Any]] = lambda d: d,
     progress: Callable[[str, int, int], None] | None = None,
     precomputed_masks: Callable[[str], dict[str, PackedMask]] | None = None,
+    journal: Any = None,
 ) -> Executed:
     """Run pass 1, select and pass 2 over `space.modules`.
 
@@ -138,6 +139,7 @@ def execute(
         gather: merges the per-module results of every process ({name: value}); identity in one process.
         progress: optional callback(phase, done, total).
         precomputed_masks: masks made before pass 1 (calibration methods), or None to let the space make them.
+        journal: a resume.Journal: journaled modules are skipped (their results read back), finished ones recorded.
     Returns:
         Executed, with every module's results (all processes' after `gather`) and the seconds of each phase.
     """
@@ -145,22 +147,34 @@ def execute(
     mine = [n for i, n in enumerate(names) if owned(i)]
     sims: dict[str, float] = {}
     densities: dict[str, dict[str, float]] = {}
+    for name in mine:
+        if journal is not None and journal.done("pass1", name):
+            sims[name], densities[name] = journal.get("pass1", name)
     start = time.perf_counter()
-    for done, (name, loaded) in enumerate(prefetch(mine, space.load), start=1):
+    todo = [n for n in mine if n not in sims]
+    for done, (name, loaded) in enumerate(prefetch(todo, space.load), start=1):
         masks = precomputed_masks(name) if precomputed_masks is not None else space.masks(name, loaded)
         for key, mask in masks.items():
             masks_file.write(key, mask)
         sims[name] = space.similarity(name, loaded, masks)
         densities[name] = {key: mask.density() for key, mask in masks.items()}
         space.write_finetuned(name, loaded)
+        if journal is not None:
+            journal.record("pass1", name, [sims[name], densities[name]])
         del loaded, masks
         if progress is not None:
-            progress("pass 1", done, len(mine))
-    if root:
+            progress("pass 1", done, len(todo))
+    if root and not (journal is not None and journal.done("rest", "")):
         space.copy_rest()
+        if journal is not None:
+            journal.record("rest", "")
     sims, densities = gather(sims), gather(densities)
     timings = {"pass1": time.perf_counter() - start}
     start = time.perf_counter()
+    nan = [n for n in names if sims[n] != sims[n]]
+    if nan:
+        raise ValueError(f"similarity is NaN for {len(nan)} module(s), first {nan[:3]}: their inputs hold non-finite "
+                         "values (allowed by allow_nonfinite); such modules cannot be ranked")
     chosen = select([sims[n] for n in names], **select_kwargs)
     restored = [n for n, flag in zip(names, chosen.restored, strict=True) if flag]
     timings["select"] = time.perf_counter() - start
@@ -168,11 +182,17 @@ def execute(
     mine_set = set(mine)
     mine_restored = [n for n in restored if n in mine_set]
     changed: dict[str, dict[str, int]] = {}
-    for done, (name, loaded) in enumerate(prefetch(mine_restored, space.load), start=1):
+    for name in mine_restored:
+        if journal is not None and journal.done("pass2", name):
+            changed[name] = journal.get("pass2", name)
+    todo = [n for n in mine_restored if n not in changed]
+    for done, (name, loaded) in enumerate(prefetch(todo, space.load), start=1):
         changed[name] = space.restore(name, loaded, masks_file.read(list(space.mask_keys(name))))
+        if journal is not None:
+            journal.record("pass2", name, changed[name])
         del loaded
         if progress is not None:
-            progress("pass 2", done, len(mine_restored))
+            progress("pass 2", done, len(todo))
     changed = gather(changed)
     timings["pass2"] = time.perf_counter() - start
     return Executed(sims, densities, chosen, restored, changed, {k: round(v, 4) for k, v in timings.items()})

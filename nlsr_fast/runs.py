@@ -50,8 +50,8 @@ class _Run:
     mask_shapes: dict[str, tuple[int, ...]]
 
     def __init__(self, config: RealignConfig, inputs: Any, calib: Any, tmp: Path, nonfinite: NonFinite,
-                 progress: Any, device: torch.device, dist: Dist) -> None:
-        self.config, self.inputs, self.tmp = config, inputs, tmp
+                 progress: Any, device: torch.device, dist: Dist, journal: Any) -> None:
+        self.config, self.inputs, self.tmp, self.journal = config, inputs, tmp, journal
         self.nonfinite, self.progress, self.device, self.dist = nonfinite, progress, device, dist
         self.metadata = {"format": "pt", "nlsr_fast": _version()}
         # Data-parallel calibration: each process takes every world-th sample and the forward statistics (Grams,
@@ -63,8 +63,19 @@ class _Run:
         self.calib = dist.shard_samples(calib) if self.split else calib
         self.reduce = dist.sum_stats if self.split else None
 
+    def create(self, path: Path) -> bool:
+        """Whether this process plans the file `path`: rank 0, unless a run being resumed already did."""
+        return self.dist.root and not path.exists()
+
     def open_masks(self) -> None:
-        self.masks_file = MasksFile(self.tmp / MASKS_FILE, self.mask_shapes, create=self.dist.root)
+        path = self.tmp / MASKS_FILE
+        self.masks_file = MasksFile(path, self.mask_shapes, create=self.create(path))
+
+    def calibrated(self) -> Any:
+        """Masks of an earlier, resumed run's finished calibration (read back), or None."""
+        if not self.journal.done("calibration", ""):
+            return None
+        return lambda name: self.masks_file.read(list(self.space.mask_keys(name)))
 
     def owns(self, name: str) -> bool:
         """Whether this process computes module `name` (contiguous runs of modules of about equal size)."""
@@ -79,12 +90,13 @@ class _Run:
 
     def execute(self) -> Executed:
         start = time.perf_counter()
+        resumed = self.journal.done("calibration", "")
         precomputed = self.calibrate()
-        if precomputed is not None:
+        if self.journal.done("calibration", "") and not resumed:
             self.progress.stage("calibrate", time.perf_counter() - start)
         names = self.space.modules
         executed = execute(self.space, masks_file=self.masks_file, select_kwargs=_select_kwargs(self.config),
-                           progress=self.progress, precomputed_masks=precomputed,
+                           progress=self.progress, precomputed_masks=precomputed, journal=self.journal,
                            owned=lambda i: self.owns(names[i]), root=self.dist.root, gather=self.dist.gather)
         for name, seconds in executed.timings.items():
             self.progress.stage(name, seconds)
@@ -108,7 +120,8 @@ class LoraRun(_Run):
             self.mask_shapes[key_a], self.mask_shapes[key_b] = (m.rank, m.d_in), (m.d_out, m.rank)
         self.open_masks()
         plan = [(k, ft.raw_dtype(k), ft.raw_shape(k)) for k in ft.raw_keys]
-        self.out = PlannedSafetensors(self.tmp / ADAPTER_SAFETENSORS, plan, self.metadata, create=self.dist.root)
+        path = self.tmp / ADAPTER_SAFETENSORS
+        self.out = PlannedSafetensors(path, plan, self.metadata, create=self.create(path))
         given = self.inputs.reference is not None
         self.space = LoraSpace(ft, self.inputs.reference if given else self.inputs.aligned, preset=cfg.preset_spec,
                                amplify_alpha=None if given else cfg.alpha, method=cfg.method, sparsity=cfg.sparsity,
@@ -118,9 +131,15 @@ class LoraRun(_Run):
     def calibrate(self) -> Any:
         if self.config.method == "random":
             return None
+        if self.calibrated() is not None:
+            return self.calibrated()
+        from nlsr_fast.lora import read_raw
         from nlsr_fast.pipeline.score import score
 
         cfg, space = self.config, self.space
+        for name in space.modules:  # non-finite fine-tuned factors are refused before the long calibration
+            read_raw(space.ft, space.ft.module(name).key_a, self.nonfinite)
+            read_raw(space.ft, space.ft.module(name).key_b, self.nonfinite)
         # The engine applies every module's reference adapter while it streams the base, so the reference factors
         # are held for calibration (fp32: 2x the adapter's bf16 size).
         ref = {name: space.load_reference(name) for name in space.modules}
@@ -130,6 +149,11 @@ class LoraRun(_Run):
                       backend=cfg.backend, progress=self.progress.layers(f"calibration ({cfg.method})"),
                       reduce=self.reduce, **_engine_kwargs(cfg, self.device))
         del ref
+        for name in space.modules:  # kept in the output, so a resumed run skips calibration
+            if self.owns(name):
+                for key, mask in zip(space.mask_keys(name), masks[name], strict=True):
+                    self.masks_file.write(key, mask)
+        self.journal.record("calibration", "")
         return lambda name: dict(zip(space.mask_keys(name), masks[name], strict=True))
 
     def close(self) -> None:
@@ -171,7 +195,16 @@ class DenseRun(_Run):
             return None
         from nlsr_fast.calib import engine
         from nlsr_fast.dense import ReferenceReader
+        from nlsr_fast.resume import JOURNAL_DIR
 
+        scales = self.tmp / JOURNAL_DIR / "wanda_scale.safetensors"
+        if self.journal.done("calibration", ""):
+            if cfg.method == "wanda":
+                from safetensors.torch import load_file
+
+                space.wanda_scale = load_file(str(scales))
+                return None
+            return self.calibrated()
         reader = ReferenceReader(space)
         layers = self.progress.layers(f"calibration ({cfg.method})")
         if cfg.method == "wanda":
@@ -181,6 +214,11 @@ class DenseRun(_Run):
                 self.reduce(stats)
             space.wanda_scale = {n: (st.x_sq.double() / max(int(st.n_samples), 1)).sqrt().float()
                                  for n, st in stats.items()}
+            if self.dist.root:
+                from safetensors.torch import save_file
+
+                save_file(space.wanda_scale, str(scales))
+            self.journal.record("calibration", "")
             return None
         keep = 1.0 - cfg.sparsity
 
@@ -199,7 +237,8 @@ class DenseRun(_Run):
         engine.dense_gradient_scores(reader, space.modules, self.calib, on_layer=on_layer, loss="nll",
                                      accumulate=cfg.preset_spec.snip_accumulate, progress=layers,
                                      **_engine_kwargs(cfg, self.device))
-        return lambda name: self.masks_file.read([name])
+        self.journal.record("calibration", "")
+        return self.calibrated()
 
     def close(self) -> None:
         """fsync and close this process's output files."""

@@ -45,6 +45,7 @@ class NonFinite:
     def __init__(self, allow: bool = False) -> None:
         self.allow = allow
         self.found: list[dict[str, Any]] = []
+        self._seen: set[tuple[str, str]] = set()  # a tensor read twice (passes 1 and 2) is reported once
         self._lock = threading.Lock()
 
     def check(self, t: torch.Tensor, *, file: Path | str, tensor: str) -> None:
@@ -57,8 +58,11 @@ class NonFinite:
             raise ValueError(f"{file}: tensor {tensor!r} holds {count} non-finite value(s); the first is {value} at "
                              f"index {where}. Non-finite weights are refused (they can carry an attack); pass "
                              "--allow-nonfinite to go on and list them in report.json")
-        log.warning("%s: tensor %r holds %d non-finite value(s) (first %s at %s); going on (allow_nonfinite)",
-                    file, tensor, count, value, where)
         with self._lock:
+            if (str(file), tensor) in self._seen:
+                return
+            self._seen.add((str(file), tensor))
+            log.warning("%s: tensor %r holds %d non-finite value(s) (first %s at %s); going on (allow_nonfinite)",
+                        file, tensor, count, value, where)
             self.found.append({"file": str(file), "tensor": tensor, "count": count, "first_index": where,
                                "first_value": str(value)})

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -89,6 +89,7 @@ def check_output(
     overwrite: bool = False,
     force: bool = False,
     wait: bool = False,
+    resumable: Callable[[Path], bool] | None = None,
 ) -> None:
     """The checks `atomic_output` runs before writing, for callers that validate before any work.
 
@@ -100,6 +101,8 @@ def check_output(
 
     With `wait`, a lock held by another run is not an error: the checks that depend on that run (the partial
     folder, an existing `out`) are skipped, and the caller repeats `check_output` once it holds the lock.
+    With `resumable`, a leftover `<out>.partial` for which `resumable(partial)` is true is the same run's unfinished
+    work, to be resumed (see nlsr_fast.resume), not an error.
     """
     from nlsr_fast.io.lock import lock_holder, lock_path
     from nlsr_fast.io.manifest import MANIFEST_FILE, is_output
@@ -119,9 +122,10 @@ def check_output(
         raise ValueError(f"output {out} is locked by pid {holder.get('pid', '?')} on host "
                          f"{holder.get('host', '?')} since {holder.get('started', '?')} (lock file {lock_path(out)}); "
                          "wait for it, or pass --wait")
-    if (partial.exists() or partial.is_symlink()) and not overwrite:
-        raise ValueError(f"temporary output {partial} exists, left by a run that did not finish; remove it, or pass "
-                         "overwrite=True (--overwrite) to replace it")
+    if (partial.exists() or partial.is_symlink()) and not overwrite and not (resumable and resumable(partial)):
+        raise ValueError(f"temporary output {partial} exists, left by a run that did not finish with other inputs or "
+                         "options (a run with the same ones resumes it); remove it, or pass overwrite=True "
+                         "(--overwrite) to replace it")
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise ValueError(f"output {out} already exists; pass overwrite=True to replace it")
@@ -142,6 +146,7 @@ def atomic_output(
     overwrite: bool = False,
     force: bool = False,
     manifest: bool = True,
+    resumable: Callable[[Path], bool] | None = None,
 ) -> Iterator[Path]:
     """Yield a fresh `<out>.partial` folder to write into; on success write the manifest, fsync, rename to `out`.
 
@@ -155,6 +160,7 @@ def atomic_output(
         overwrite: replace an existing `out` (only after the new one is complete) and a leftover `<out>.partial`.
         force: with `overwrite`, replace `out` even when it is not an nlsr_fast output (no manifest).
         manifest: write `manifest.json` (sha256 of every file) last, just before the rename.
+        resumable: a leftover `<out>.partial` for which this is true is yielded as it is, to be resumed.
 
     Yields:
         Path(f"{out}.partial"), an empty folder.
@@ -167,11 +173,14 @@ def atomic_output(
     partial = Path(f"{out}.partial")
     old = Path(f"{out}.replaced")
     with OutputLock(out, inputs=input_paths):
-        check_output(out, inputs=input_paths, overwrite=overwrite, force=force)
-        if partial.exists() or partial.is_symlink():
-            log.warning("removing %s left by an earlier run that did not finish (overwrite=True)", partial)
-            _remove(partial)
-        partial.mkdir(parents=True)
+        check_output(out, inputs=input_paths, overwrite=overwrite, force=force, resumable=resumable)
+        if (partial.exists() or partial.is_symlink()) and not overwrite and resumable and resumable(partial):
+            log.info("resuming the unfinished run in %s", partial)
+        else:
+            if partial.exists() or partial.is_symlink():
+                log.warning("removing %s left by an earlier run that did not finish (overwrite=True)", partial)
+                _remove(partial)
+            partial.mkdir(parents=True)
         try:
             yield partial
             if manifest:
@@ -188,8 +197,9 @@ def atomic_output(
             os.replace(partial, out)
             _fsync_dir(out.parent.resolve())
         except BaseException as exc:
-            # An interrupt is not an error to log (the CLI prints one "interrupted" line); other failures are.
-            level = logging.INFO if isinstance(exc, KeyboardInterrupt) else logging.ERROR
+            # An interrupt or a refused input is not an error to log again (the CLI prints one line for it); other
+            # failures are.
+            level = logging.INFO if isinstance(exc, (KeyboardInterrupt, ValueError)) else logging.ERROR
             log.log(level, "output %s not written; removing %s", out, partial)
             _remove(partial)
             raise

@@ -90,6 +90,12 @@ class PlannedSafetensors:
                 f.write(struct.pack("<Q", len(head)))
                 f.write(head)
                 f.truncate(self.size)
+        else:
+            with self.path.open("rb") as f:
+                found = f.read(8 + len(head))
+            if found != struct.pack("<Q", len(head)) + head or self.path.stat().st_size != self.size:
+                raise ValueError(f"{self.path}: this file does not match the planned layout (another run's, or cut "
+                                 "short); start afresh (--overwrite)")
         self._fd = os.open(self.path, os.O_WRONLY)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:

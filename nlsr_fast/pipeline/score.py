@@ -25,6 +25,14 @@ STATISTICS_METHODS = ("low_rank", "wanda")
 GRADIENT_METHODS = ("snip", "pref_snip")
 
 
+def _finite_gram(name: str, gram: torch.Tensor) -> torch.Tensor:
+    """The module's calibration Gram, refused with the module named when it holds NaN/Inf."""
+    if not torch.isfinite(gram).all():
+        raise ValueError(f"module {name!r}: its calibration Gram has non-finite entries (an overflow in a "
+                         "low-precision calibration forward? try calib_dtype='float32' / --calib-dtype float32)")
+    return gram
+
+
 def _low_rank_masks(
     a: torch.Tensor, b: torch.Tensor, gram: torch.Tensor, sparsity: float, preset: Preset, backend: str | None
 ) -> tuple[PackedMask, PackedMask]:
@@ -105,7 +113,7 @@ def masks_from_statistics(
     out: Masks = {}
     for name, (a, b) in ref_factors.items():
         if method == "low_rank":
-            out[name] = _low_rank_masks(a, b, source[name].gram, sparsity, preset, backend)
+            out[name] = _low_rank_masks(a, b, _finite_gram(name, source[name].gram), sparsity, preset, backend)
         elif method == "wanda":
             out[name] = _wanda_masks(a, b, source[name], sparsity, backend)
         else:
@@ -143,7 +151,7 @@ def sequential_transform(
                 from nlsr_fast.calib.lowrank import project_and_mask
 
                 # One eigen-decomposition gives both the projected factors and the final masks.
-                out[name], masks = project_and_mask(a, b, st.gram.to(a.device), sparsity,
+                out[name], masks = project_and_mask(a, b, _finite_gram(name, st.gram).to(a.device), sparsity,
                                                     fewer=preset.low_rank_count_offset, backend=backend)
             else:
                 masks = _wanda_masks(a, b, st, sparsity, backend)

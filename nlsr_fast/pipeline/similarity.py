@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 
 from nlsr_fast.ops import PackedMask, lora_masked_cosine
 
-__all__ = ["similarity"]
+__all__ = ["logged_warnings", "similarity"]
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,7 @@ def similarity(
         a_e, b_e = ref_factors[name]
         mask_a, mask_b = masks[name]
         device = a_t.device
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with logged_warnings(warn):
             # fp32 for every factor: exact for bf16/fp16 inputs, and kernels see one dtype.
             out[name] = lora_masked_cosine(
                 a_t.float(),
@@ -56,10 +56,17 @@ def similarity(
                 name=name,
                 backend=backend,
             )
-        for w in caught:
-            # Logged (the CLI shows logs), and re-issued as a Python warning for in-memory callers unless `warn`
-            # is off; one line per module either way on the CLI.
-            log.warning("%s", w.message)
-            if warn:
-                warnings.warn(str(w.message), RuntimeWarning, stacklevel=2)
     return out
+
+
+@contextlib.contextmanager
+def logged_warnings(warn: bool = False) -> Iterator[None]:
+    """Log the ops' warnings raised inside (a zero-norm module, say): the CLI shows logs. With `warn` they are
+    re-issued as Python warnings too, for in-memory callers; one line per warning on the CLI either way."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        log.warning("%s", w.message)
+        if warn:
+            warnings.warn(str(w.message), RuntimeWarning, stacklevel=3)

@@ -113,8 +113,6 @@ def test_nonfinite_refused_by_the_cli_with_exit_2(world: World, clean: dict, poi
     _nothing_left(out)
 
 
-@pytest.mark.xfail(strict=True, reason="io/output.py logs 'output OUT not written; removing OUT.partial' at ERROR "
-                                       "level beside the CLI's own error line: two lines for one refusal")
 def test_nonfinite_refusal_is_one_line_on_the_cli(world: World, poisoned: dict, tmp_path: Path) -> None:
     run = _cli(*_args(world, poisoned, "finetuned"), tmp_path / "out", "--method", "random")
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
@@ -141,9 +139,6 @@ def test_nonfinite_adapter_allowed_is_reported(world: World, clean: dict, poison
     assert all(torch.equal(_bits(got[k]), _bits(want[k])) for k in want)
 
 
-@pytest.mark.xfail(strict=True, reason="io/finite.py NonFinite.check records a tensor each time it is read: a "
-                                       "restored module is read in pass 1 and again in pass 2, so report.json lists "
-                                       "it twice (and the warning is logged twice)")
 def test_nonfinite_tensor_of_a_restored_module_is_reported_once(world: World, clean: dict, poisoned: dict,
                                                                 tmp_path: Path) -> None:
     rep = nlsr_fast.realign(*_args(world, poisoned, "finetuned"), tmp_path / "out", allow_nonfinite=True, **RANDOM)
@@ -376,9 +371,6 @@ def test_summary_counts_changed_entries(world: World, tmp_path: Path) -> None:
     assert "all-empty" not in rep.table()
 
 
-@pytest.mark.xfail(strict=True, reason="dense.py DenseSpace.similarity calls ops.masked_delta_cosine directly: its "
-                                       "zero-norm RuntimeWarning reaches the CLI as a Python warning, two lines per "
-                                       "module (message + source line) and not through logging")
 def test_dense_sparsity_one_is_one_line_per_module(dense: dict, tmp_path: Path) -> None:
     run = _cli(dense["base"], dense["aligned"], dense["finetuned"], tmp_path / "out", "--method", "random",
                "--sparsity", "1")
