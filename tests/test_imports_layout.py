@@ -8,8 +8,6 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -88,8 +86,6 @@ def test_library_does_not_import_benches() -> None:
     assert _offenders("nlsr_fast", "benches") == []
 
 
-@pytest.mark.xfail(strict=True, reason="nlsr_fast/bench/__init__.py loads benches/bench_realign_70b.py with "
-                   "importlib for `python -m nlsr_fast.bench realign`; remove this marker when that moves")
 def test_library_does_not_load_benches_dynamically() -> None:
     assert _offenders("nlsr_fast", "benches", dynamic=True) == []
 

@@ -245,35 +245,8 @@ def _ops_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _realign_bench() -> Any:
-    """benches/bench_realign_70b.py of the source checkout (the suite needs the repository, not only the package)."""
-    import importlib
-
-    repo = Path(__file__).resolve().parents[2]
-    if (repo / "benches" / "bench_realign_70b.py").is_file() and str(repo) not in sys.path:
-        sys.path.insert(0, str(repo))
-    try:
-        return importlib.import_module("benches.bench_realign_70b")
-    except ImportError as exc:
-        raise SystemExit(f"the realign suite needs the source checkout's benches/ folder: {exc}") from None
-
-
-def _realign_arguments(p: argparse.ArgumentParser) -> None:
-    _realign_bench().add_arguments(p, layers=2)
-
-
-def _realign_run(args: argparse.Namespace) -> int:
-    return int(_realign_bench().run_cli(args))
-
-
 SUITES: dict[str, Suite] = {
     "ops": Suite("time each op's backends against the reference (default)", _ops_arguments, _ops_run),
-    "realign": Suite(
-        "similarity + select + restore + write on synthetic Llama-3-70B-shaped LoRA adapters against reading the "
-        "three adapters and writing one (default 2 layers; --layers 80 for the full model)",
-        _realign_arguments,
-        _realign_run,
-    ),
 }
 
 
