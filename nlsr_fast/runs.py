@@ -22,7 +22,10 @@ from nlsr_fast.io.finite import NonFinite
 from nlsr_fast.ops import row_topk_mask
 from nlsr_fast.pipeline.write import CARD_FILE, MASKS_FILE, MasksFile, write_card
 
-__all__ = ["DenseRun", "LoraRun"]
+__all__ = ["CALIBRATION_CHECKPOINT_SECONDS", "DenseRun", "LoraRun"]
+
+#: Minimum seconds between two saves of the calibration state (each save writes every sample's hidden state).
+CALIBRATION_CHECKPOINT_SECONDS = 600.0
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,12 @@ class _Run:
     def open_masks(self) -> None:
         path = self.tmp / MASKS_FILE
         self.masks_file = MasksFile(path, self.mask_shapes, create=self.create(path))
+
+    def layer_checkpoint(self) -> Any:
+        """Where the statistics pass saves its layer-boundary state (see resume.LayerCheckpoint)."""
+        from nlsr_fast.resume import LayerCheckpoint
+
+        return LayerCheckpoint(self.journal.dir, self.dist.rank, every=CALIBRATION_CHECKPOINT_SECONDS)
 
     def calibrated(self) -> Any:
         """Masks of an earlier, resumed run's finished calibration (read back), or None."""
@@ -147,7 +156,7 @@ class LoraRun(_Run):
         masks = score(cfg.method, ref, sparsity=cfg.sparsity, preset=cfg.preset_spec, seed=cfg.seed,
                       base=self.inputs.base, calib=self.calib, scales=scales, sequential=cfg.sequential,
                       backend=cfg.backend, progress=self.progress.layers(f"calibration ({cfg.method})"),
-                      reduce=self.reduce, **_engine_kwargs(cfg, self.device))
+                      reduce=self.reduce, checkpoint=self.layer_checkpoint(), **_engine_kwargs(cfg, self.device))
         del ref
         for name in space.modules:  # kept in the output, so a resumed run skips calibration
             if self.owns(name):
@@ -209,6 +218,7 @@ class DenseRun(_Run):
         layers = self.progress.layers(f"calibration ({cfg.method})")
         if cfg.method == "wanda":
             stats = engine.collect_dense_statistics(reader, space.modules, self.calib, progress=layers,
+                                                    checkpoint=self.layer_checkpoint(),
                                                     **_engine_kwargs(cfg, self.device))
             if self.reduce is not None:
                 self.reduce(stats)

@@ -83,6 +83,16 @@ def _stats_to_cpu(stats: dict[str, ModuleStats]) -> dict[str, ModuleStats]:
             for n, s in stats.items()}
 
 
+def _resume_point(checkpoint: Any, stats_cls: type, model: Any, batches: list[Any]) -> tuple[int, list[Any], dict]:
+    """(first layer to run, hidden states at its input, statistics of the layers before it): from the checkpoint
+    when it holds a finished layer, else (0, the embeddings, {})."""
+    state = checkpoint.load(stats_cls) if checkpoint is not None else None
+    if state is not None:
+        logger.info("calibration resumes at layer %d of %d", state[0], model.n_layers)
+        return state
+    return 0, _embed_all(model, batches), {}
+
+
 def collect_lora_statistics(
     base: Any,
     factors: Factors,
@@ -94,6 +104,7 @@ def collect_lora_statistics(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
     progress: Callable[[int, int], None] | None = None,
+    checkpoint: Any = None,
 ) -> dict[str, ModuleStats]:
     """Per-module statistics of the reference adapter over the calibration response tokens, one layer at a time.
 
@@ -106,6 +117,8 @@ def collect_lora_statistics(
         schedule for low_rank / wanda at ~2 layer-forwards per sample per layer).
     micro_batch: sequences per micro-batch; default packs up to DEFAULT_TOKENS_PER_BATCH padded tokens.
     dtype: forward dtype, default the base checkpoint's; statistics are float64 regardless.
+    checkpoint: a layer checkpoint (nlsr_fast.resume.LayerCheckpoint): the pass starts after the last saved layer
+        and saves the layer-boundary state as it goes, so a killed run resumes from finished layers.
     Returns module name → ModuleStats (on the CPU), in the order of `factors`.
     """
     if sequential and transform is None:
@@ -120,10 +133,9 @@ def collect_lora_statistics(
     batches = _micro_batches(calib, micro_batch, pairs_together=False, sort=True)
     logger.info("calibration statistics: %d sequences in %d micro-batches, %d layers, dtype %s, sequential=%s",
                 len(seqs), len(batches), model.n_layers, model.dtype, sequential)
-    hs = _embed_all(model, batches)
-    result: dict[str, ModuleStats] = {}
+    start, hs, result = _resume_point(checkpoint, ModuleStats, model, batches)
     ctx = _Ctx()
-    for idx in range(model.n_layers):
+    for idx in range(start, model.n_layers):
         names = by_layer[idx]
         layer = model.layer(idx)
         stats = _new_stats(factors, names, device)
@@ -147,8 +159,11 @@ def collect_lora_statistics(
                     mods[name].set_factors(fac[0], fac[1])
                 for bi, batch in enumerate(batches):
                     hs[bi] = _layer_forward(model, layer, idx, batch, hs[bi]).cpu()
-        result.update(_stats_to_cpu(stats))
+        # The transform's view of the statistics when sequential (a distributed caller sums them in place there).
+        result.update(layer_stats if sequential else _stats_to_cpu(stats))
         del layer, mods
+        if checkpoint is not None:
+            checkpoint.save(idx + 1, model.n_layers, hs, result)
         if progress is not None:
             progress(idx + 1, model.n_layers)
     return {n: result[n] for n in factors}
@@ -163,6 +178,7 @@ def collect_dense_statistics(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
     progress: Callable[[int, int], None] | None = None,
+    checkpoint: Any = None,
 ) -> dict[str, DenseStats]:
     """Σ_t x_t² over the calibration response tokens of the input x_t of each target linear of a dense model.
 
@@ -173,6 +189,7 @@ def collect_dense_statistics(
     micro_batch: sequences per micro-batch; default packs up to DEFAULT_TOKENS_PER_BATCH padded tokens.
     dtype: forward dtype, default the reader's embedding dtype; x_sq is accumulated in float64 from float32 squares.
     progress: progress(done_layers, n_layers) after each layer.
+    checkpoint: a layer checkpoint, as for `collect_lora_statistics`.
     Returns target name → DenseStats (x_sq (d_in,) float64 on the CPU), in the order of `targets`.
     Memory: the hidden states of every sample (as for the LoRA pass), one layer, d_in float64 per target.
     """
@@ -185,10 +202,9 @@ def collect_dense_statistics(
     batches = _micro_batches(calib, micro_batch, pairs_together=False, sort=True)
     logger.info("dense calibration statistics: %d sequences in %d micro-batches, %d layers, %d targets, dtype %s",
                 len(seqs), len(batches), model.n_layers, len(targets), model.dtype)
-    hs = _embed_all(model, batches)
-    result: dict[str, DenseStats] = {}
+    start, hs, result = _resume_point(checkpoint, DenseStats, model, batches)
     ctx = _Ctx()
-    for idx in range(model.n_layers):
+    for idx in range(start, model.n_layers):
         names = by_layer[idx]
         layer = model.layer(idx)
         stats: dict[str, DenseStats] = {}
@@ -205,6 +221,8 @@ def collect_dense_statistics(
         for n, st in stats.items():
             result[n] = DenseStats(st.x_sq.cpu(), st.n_tokens, st.n_samples)
         del layer
+        if checkpoint is not None:
+            checkpoint.save(idx + 1, model.n_layers, hs, result)
         if progress is not None:
             progress(idx + 1, model.n_layers)
     return {n: result[n] for n in targets}

@@ -181,6 +181,7 @@ def score(
     backend: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     reduce: Callable[[dict[str, Any]], Any] | None = None,
+    checkpoint: Any = None,
 ) -> Masks:
     """Masks of the reference adapter for `method`, running the calibration it needs.
 
@@ -199,6 +200,7 @@ def score(
         progress: optional callback(done_layers, total) passed to the engine.
         reduce: for several processes, sums statistics over them in place ({module: stats or grads}); called on
             each layer's statistics before the sequential transform, else on all statistics before the masks.
+        checkpoint: a resume.LayerCheckpoint for the statistics pass (low_rank, wanda), or None.
     Returns:
         {module: (mask_A, mask_B)}.
     """
@@ -229,7 +231,7 @@ def score(
                 return inner(layer, layer_stats)
 
         stats = engine.collect_lora_statistics(
-            base, factors, calib, sequential=sequential, transform=transform, **engine_kw
+            base, factors, calib, sequential=sequential, transform=transform, checkpoint=checkpoint, **engine_kw
         )
         if reduce is not None and not sequential:
             reduce(stats)

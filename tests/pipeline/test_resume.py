@@ -20,7 +20,8 @@ from .test_dense import DenseWorld, dw  # noqa: F401  (the dense fixture)
 # Runs realign in a child that kills itself (SIGKILL: no cleanup runs) at the N-th call of a stage function.
 _KILLER = """
 import os, signal, sys, json
-import nlsr_fast, nlsr_fast.lora, nlsr_fast.dense, nlsr_fast.calib.runtime as rt
+import nlsr_fast, nlsr_fast.lora, nlsr_fast.dense, nlsr_fast.runs, nlsr_fast.calib.runtime as rt
+nlsr_fast.runs.CALIBRATION_CHECKPOINT_SECONDS = 0.0  # save after every layer (600 s by default)
 target, n = sys.argv[1], int(sys.argv[2])
 owner, attr = {"write_finetuned": (nlsr_fast.lora.LoraSpace, "write_finetuned"),
                "restore": (nlsr_fast.lora.LoraSpace, "restore"),
@@ -72,14 +73,22 @@ def test_lora_run_killed_while_writing_resumes(world: World, tmp_path: Path, tar
     assert not (out / JOURNAL_DIR).exists() and not (tmp_path / "out.partial").exists()
 
 
-def test_lora_run_killed_during_calibration_restarts_it_and_matches(world: World, tmp_path: Path) -> None:
-    options = {"method": "wanda", "calibration": str(world.calibration), "nsamples": 16}
+@pytest.mark.parametrize("method", ["low_rank", "wanda"])
+def test_lora_run_killed_during_calibration_resumes_after_its_last_layer(world: World, tmp_path: Path, method: str,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import nlsr_fast.calib.runtime as rt
+
+    options = {"method": method, "calibration": str(world.calibration), "nsamples": 16}
     paths = [world.base, world.aligned, world.finetuned]
     nlsr_fast.realign(*paths, tmp_path / "whole", quiet=True, **options)
     out = tmp_path / "out"
-    _killed_run("calibration_layer", 1, [*paths, out], options)
+    _killed_run("calibration_layer", 1, [*paths, out], options)  # killed as it loads layer 1: layer 0 was saved
+    loaded: list[int] = []
+    original = rt._Model.layer
+    monkeypatch.setattr(rt._Model, "layer", lambda self, idx: loaded.append(idx) or original(self, idx))
     resumed = nlsr_fast.realign(*paths, out, quiet=True, **options)
-    assert "resumed_calibration" not in resumed.counts  # no finished calibration to skip: it ran again
+    assert loaded == [1]  # the resumed calibration ran layer 1 only (the world has 2 layers)
+    assert "resumed_calibration" not in resumed.counts
     _same_results(tmp_path / "whole", out)
 
 
