@@ -518,7 +518,7 @@ def extrapolate(result: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def format_markdown(result: dict[str, Any]) -> str:
-    c, m = result["config"], result["machine"]
+    c, m, git = result["config"], result["machine"], result.get("git", {})
     lines = [
         "# `nlsr-fast realign` at Llama-3-70B shapes: whole process against the I/O floor",
         "",
@@ -527,9 +527,9 @@ def format_markdown(result: dict[str, Any]) -> str:
         f"- machine: {m['platform']}, {m['cpus']} CPUs, {m['mem_total'] / 2**30:.0f} GiB RAM, load average "
         f"{m['loadavg_start'][0]:.1f} at the start, {m['loadavg_end'][0]:.1f} at the end (other jobs share it)",
         f"- page cache before each phase: {result.get('page_cache', '-')}",
-        f"- code: commit {result['git']['commit']}"
-        + (f", with uncommitted changes in {', '.join(result['git']['library_files_modified'])}"
-           if result["git"]["library_files_modified"] else " (library files unmodified)"),
+        f"- code: commit {git.get('commit', '?')}"
+        + (f", with uncommitted changes in {', '.join(git['library_files_modified'])}"
+           if git.get("library_files_modified") else " (library files unmodified)"),
         f"- repeats: {c['repeat']} (each floor/realign alternated; medians shown)",
         "- peak RSS: the child's kernel high-water mark (wait4 ru_maxrss: the largest of the process and its "
         f"reaped children); anon / file: largest RssAnon / RssFile polled every {POLL_S * 1000:.0f} ms, summed over "
@@ -558,9 +558,12 @@ def format_markdown(result: dict[str, Any]) -> str:
                                                         else "") for k, v in res["inputs"].items())
         chk = res["realign_runs"][-1].get("check", {})
         rs = res.get("report_summary", {})
+        timings = ", ".join(f"{k} {v:.1f} s" for k, v in (rs.get("timings") or {}).items()
+                            if isinstance(v, int | float))
         lines.append(f"- {label}: {ins}; output {_gb(res['output_bytes'])} GB; restored {rs.get('restored', '?')} of "
                      f"{rs.get('modules', '?')} modules; output check: "
-                     f"{'ok' if chk.get('ok') else 'FAILED ' + '; '.join(chk.get('problems', []))}")
+                     f"{'ok' if chk.get('ok') else 'FAILED ' + '; '.join(chk.get('problems', []))}"
+                     + (f"; report.json timings (last run): {timings}" if timings else ""))
     bars = result.get("bars", {})
     if bars:
         lines += ["", "Bars:", "", "| bench | bar | measured | limit | met |", "|---|---|---|---|---|"]
@@ -582,8 +585,9 @@ def format_markdown(result: dict[str, Any]) -> str:
         lines.append(f"- disk for one dense realign: {ex['disk_gb']['arithmetic']}")
         lines.append(f"- the real vocabulary adds {ex['real_vocab_extra_gb_per_checkpoint']['arithmetic']} per "
                      "checkpoint")
-    for note in result.get("notes", []):
-        lines.append(f"- note: {note}")
+    if result.get("notes"):
+        lines += ["", "Notes:", ""]
+        lines += [f"- {note}" for note in result["notes"]]
     return "\n".join(lines) + "\n"
 
 
@@ -609,6 +613,9 @@ def add_arguments(p: argparse.ArgumentParser, *, layers: int = 80) -> None:
     p.add_argument("--results", type=Path, default=None, metavar="PREFIX",
                    help="write PREFIX.md and PREFIX.json (e.g. benches/results/realign_70b)")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    p.add_argument("--note", action="append", default=[], help="a line added to the results' notes (repeatable)")
+    p.add_argument("--render", type=Path, default=None, metavar="JSON",
+                   help="run nothing: print (and with --results write) the markdown of an earlier run's JSON")
 
 
 def _git_state() -> dict[str, Any]:
@@ -618,6 +625,12 @@ def _git_state() -> dict[str, Any]:
 
     dirty = [line[3:] for line in git("status", "--porcelain", "--", "nlsr_fast", "csrc").splitlines()]
     return {"commit": git("rev-parse", "--short", "HEAD"), "library_files_modified": dirty}
+
+
+def _save_partial(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """What is measured so far, as PREFIX.partial.json (a long run that dies keeps its finished benches)."""
+    if getattr(args, "results", None) is not None:
+        Path(args.results).with_suffix(".partial.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -650,6 +663,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ins = lora_inputs(workdir, args.layers, args.rank, geometry, base_shape)
             made += [ins["aligned"].parent, ins["base"].parent]
             result["lora"] = run_pair("lora", "lora", ins, scratch, args.repeat, env, args.warm)
+            _save_partial(args, result)
             result["page_cache"] = result["lora"]["page_cache"]
         depths = [int(x) for x in str(args.dense_layers).split(",") if x.strip()]
         if depths and not args.no_dense:
@@ -672,6 +686,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     result["dense"][str(L)] = run_pair(f"dense{L}", "dense", ins, scratch, args.repeat, env,
                                                         args.warm)
                     result["page_cache"] = result["dense"][str(L)]["page_cache"]
+                    _save_partial(args, result)
                     if not args.keep_data:
                         shutil.rmtree(ins["base"].parent, ignore_errors=True)
     finally:
@@ -685,7 +700,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    result = run(args)
+    if getattr(args, "render", None) is not None:
+        result = json.loads(Path(args.render).read_text())
+        result["bars"] = summarize(result)
+    else:
+        result = run(args)
+    result.setdefault("notes", []).extend(getattr(args, "note", []) or [])
     md = format_markdown(result)
     print(md)
     if args.results is not None:
@@ -693,6 +713,7 @@ def run_cli(args: argparse.Namespace) -> int:
         prefix.parent.mkdir(parents=True, exist_ok=True)
         prefix.with_suffix(".md").write_text(md)
         prefix.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        prefix.with_suffix(".partial.json").unlink(missing_ok=True)
     if args.json is not None:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     checks = [r.get("check", {}).get("ok", False) for b in [result.get("lora"), *(result.get("dense") or {}).values()]
