@@ -17,6 +17,10 @@ Everything is made inside one folder from the package alone, on the CPU, in abou
 
 The generations are saved as `generations/<model>.jsonl` and the numbers in `results.json`; `recompute_from_generations`
 re-derives every number from the generations alone.
+
+The numbers are pinned (determinism.py): `main` runs the demo in a child process whose environment fixes the thread
+counts and the CPU code paths of torch, MKL and the C++ ops, and `run_demo` runs with one torch thread, deterministic
+algorithms and seeded random streams, so the table is the same on every x86-64 machine with the same package versions.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any
 
 import torch
 
+from nlsr_fast.demo.determinism import deterministic, is_pinned, numerics, run_pinned
 from nlsr_fast.demo.evaluate import generate_items, recompute_from_generations
 from nlsr_fast.demo.judge import REFUSAL_PHRASES, is_refusal
 from nlsr_fast.demo.train import ModelShape, Schedule, build_world, make_tokenizer
@@ -134,11 +139,14 @@ def _evaluate(name: str, base: Path, adapter: Path | None, tok: Any, splits: Any
 
 
 def run_demo(workdir: str | Path, *, harmful_share: float = 0.2, quick: bool = False, seed: int = 0,
-             progress: bool = True) -> DemoResult:
+             progress: bool = True, schedule: Schedule | None = None) -> DemoResult:
     """Build the world in `workdir`, attack it, realign it three ways and score every model (see the module doc).
 
-    `quick` trains the base and the aligned adapter for fewer steps (for tests). `seed` sets the data splits and
-    every training seed; realign keeps its own seed (42). `progress` logs each stage at INFO level.
+    `quick` trains the base and the aligned adapter for fewer steps (for tests); `schedule`, when given, replaces
+    both schedules. `seed` sets the data splits and every training seed; realign keeps its own seed (42).
+    `progress` logs each stage at INFO level. It runs inside `determinism.deterministic(seed)`; the pins of the
+    environment (`determinism.PINNED_ENV`) are the caller's to set (`main` does), and `results.json` records under
+    "numerics" whether they were.
     """
     import nlsr_fast
 
@@ -148,13 +156,15 @@ def run_demo(workdir: str | Path, *, harmful_share: float = 0.2, quick: bool = F
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     say = logger.info if progress else logger.debug
-    threads = torch.get_num_threads()
-    # One thread: the model is tiny (more threads do not help it), and a fixed count keeps the float reductions,
-    # hence every generated token, the same from run to run.
-    torch.set_num_threads(1)
-    try:
-        splits = make_splits(seed)
+    if schedule is None:
         schedule = QUICK_SCHEDULE if quick else FULL_SCHEDULE
+    with deterministic(seed):
+        num = numerics()
+        if not num["pinned_env"] or not num["paths_pinned"]:
+            logger.warning("demo: numerics not pinned (environment %s, ATen path %s, C++ path %s): the table may "
+                           "differ from another machine's",
+                           num["env"], num["aten_cpu_capability"], num["nlsr_fast_isa"])
+        splits = make_splits(seed)
         timings: dict[str, float] = {}
         say("demo: building the world in %s (%s)", workdir, "quick" if quick else "full")
         t0 = time.perf_counter()
@@ -184,8 +194,6 @@ def run_demo(workdir: str | Path, *, harmful_share: float = 0.2, quick: bool = F
             t0 = time.perf_counter()
             rows.append(_evaluate(name, paths.base, out, tok, splits, gen_dir))
             timings["evaluate"] += time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(threads)
     seconds = time.perf_counter() - t_start
     results_json = workdir / "results.json"
     result = DemoResult(workdir, rows, paths.base, paths.aligned, paths.finetuned, paths.calibration, realigned,
@@ -199,7 +207,8 @@ def run_demo(workdir: str | Path, *, harmful_share: float = 0.2, quick: bool = F
         "timings_s": timings,
         "seconds": seconds,
         "effect_shown": result.effect_shown,
-        "versions": {"nlsr_fast": nlsr_fast.__version__, "torch": torch.__version__},
+        "versions": {"nlsr_fast": nlsr_fast.__version__, **num["versions"]},
+        "numerics": num,
     }, indent=2) + "\n")
     say("demo: done in %.1f s", seconds)
     return result
@@ -240,9 +249,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the data splits and training (default 0)")
 
 
+def _argv(args: argparse.Namespace) -> list[str]:
+    """The command line that gives back `args` (for the pinned child process)."""
+    argv = ["--harmful-share", repr(args.harmful_share), "--seed", str(args.seed)]
+    if args.workdir is not None:
+        argv += ["--workdir", str(args.workdir)]
+    return argv + ["--keep"] * bool(args.keep) + ["--quick"] * bool(args.quick)
+
+
 def main(args: argparse.Namespace) -> int:
-    """Run the demo and print the table; returns the exit status."""
+    """Run the demo and print the table; returns the exit status.
+
+    Unless this process's environment already carries `determinism.PINNED_ENV`, the demo runs in a child process
+    (``python -m nlsr_fast.demo``) that does, so that its numbers do not depend on this machine's thread count or
+    instruction set."""
     import warnings
+
+    if not is_pinned():
+        return run_pinned(_argv(args))
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger(__name__).setLevel(logging.INFO)  # the demo's stages; realign's own logs stay at WARNING
