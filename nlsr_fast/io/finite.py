@@ -24,9 +24,13 @@ _CHUNK = 1 << 24
 
 def first_nonfinite(t: torch.Tensor) -> tuple[int, float, int] | None:
     """(flat index, value, count) of the first NaN/Inf in `t`, or None; integer tensors are always finite."""
-    if not t.dtype.is_floating_point:
+    if not t.dtype.is_floating_point or t.numel() == 0:
         return None
     flat = t.reshape(-1)
+    # Fast path, one reduction pass with no temporary: NaN propagates through min/max and an Inf is the min or max.
+    lo, hi = torch.aminmax(flat)
+    if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+        return None
     first: tuple[int, float] | None = None
     count = 0
     for start in range(0, flat.numel(), _CHUNK):
