@@ -312,33 +312,36 @@ def realign_with_config(
     calib_p = Path(calibration) if calibration is not None else None
     input_paths = [p for p in (base_p, aligned_p, ft_p, ref_p, calib_p) if p is not None]
     dist = Dist.from_env(_resolve_device(config.device)) if not dry_run else Dist()
-    run_print = fingerprint(config.to_dict(), input_paths, dist.world)
-    # Up front, before any work (rank 0 for the job: the others would see its lock).
-    dist.on_root(lambda: check_output(out_p, inputs=input_paths, overwrite=overwrite, force=force, wait=wait,
-                                      resumable=lambda partial: resumable(partial, run_print)))
-    nonfinite = NonFinite(config.allow_nonfinite)
-    if dry_run:
-        inputs = _open_inputs(config, base_p, aligned_p, ft_p, ref_p, calib_p, nonfinite)
-        return _dry_run(config, inputs, out_p)
-    with contextlib.ExitStack() as stack:
-        # One lock per output, held by rank 0 for the whole job.
-        dist.on_root(lambda: bool(stack.enter_context(OutputLock(out_p, wait=wait, inputs=input_paths))))
-        # Again under the lock: a run we waited for may have written OUT (or left OUT.partial) meanwhile.
-        dist.on_root(lambda: check_output(out_p, inputs=input_paths, overwrite=overwrite, force=force,
+    try:
+        run_print = fingerprint(config.to_dict(), input_paths, dist.world)
+        # Up front, before any work (rank 0 for the job: the others would see its lock).
+        dist.on_root(lambda: check_output(out_p, inputs=input_paths, overwrite=overwrite, force=force, wait=wait,
                                           resumable=lambda partial: resumable(partial, run_print)))
-        inputs = _open_inputs(config, base_p, aligned_p, ft_p, ref_p, calib_p, nonfinite)
-        calib = _load_calibration(config, inputs)
-        progress = _Progress(quiet or not dist.root)
-        try:
-            report = _run(config, inputs, calib, out_p, overwrite=overwrite, force=force, nonfinite=nonfinite,
-                          progress=progress, t_start=t_start, dist=dist, run_print=run_print)
-        finally:
-            progress.close()
-    report = dist.broadcast(report)
-    assert report is not None
-    log.info("realign: restored %d of %d modules; wrote %s", report.counts["restored"], report.counts["modules"],
-             out_p)
-    return report
+        nonfinite = NonFinite(config.allow_nonfinite)
+        if dry_run:
+            inputs = _open_inputs(config, base_p, aligned_p, ft_p, ref_p, calib_p, nonfinite)
+            return _dry_run(config, inputs, out_p)
+        with contextlib.ExitStack() as stack:
+            # One lock per output, held by rank 0 for the whole job.
+            dist.on_root(lambda: bool(stack.enter_context(OutputLock(out_p, wait=wait, inputs=input_paths))))
+            # Again under the lock: a run we waited for may have written OUT (or left OUT.partial) meanwhile.
+            dist.on_root(lambda: check_output(out_p, inputs=input_paths, overwrite=overwrite, force=force,
+                                              resumable=lambda partial: resumable(partial, run_print)))
+            inputs = _open_inputs(config, base_p, aligned_p, ft_p, ref_p, calib_p, nonfinite)
+            calib = _load_calibration(config, inputs)
+            progress = _Progress(quiet or not dist.root)
+            try:
+                report = _run(config, inputs, calib, out_p, overwrite=overwrite, force=force, nonfinite=nonfinite,
+                              progress=progress, t_start=t_start, dist=dist, run_print=run_print)
+            finally:
+                progress.close()
+        report = dist.broadcast(report)
+        assert report is not None
+        log.info("realign: restored %d of %d modules; wrote %s", report.counts["restored"], report.counts["modules"],
+                 out_p)
+        return report
+    finally:
+        dist.close(barrier=sys.exc_info()[0] is None)  # after a failure another rank may never reach a barrier
 
 
 def _dry_run(config: RealignConfig, inputs: _Inputs, out_p: Path) -> Report:

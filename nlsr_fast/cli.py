@@ -268,7 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if verbose:
             traceback.print_exc()
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"nlsr-fast {command}: error: {msg}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank finds the same bad input: one line
+            print(f"nlsr-fast {command}: error: {msg}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - the CLI reports every failure in one line
         if verbose:

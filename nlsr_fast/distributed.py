@@ -32,6 +32,7 @@ class Dist:
 
     rank: int = 0
     world: int = 1
+    owns_group: bool = False  # this object initialised the process group (and destroys it in `close`)
 
     @property
     def root(self) -> bool:
@@ -49,11 +50,24 @@ class Dist:
             return cls()
         import torch.distributed as dist
 
-        if not dist.is_initialized():
+        owns = not dist.is_initialized()
+        if owns:
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend=backend)
             log.info("torch.distributed: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
-        return cls(dist.get_rank(), dist.get_world_size())
+        return cls(dist.get_rank(), dist.get_world_size(), owns)
+
+    def close(self, barrier: bool = True) -> None:
+        """Destroy the process group this object initialised (a group left to interpreter exit can abort the
+        process from gloo's threads: "terminate called without an active exception"), after a barrier so no rank
+        leaves while another still talks to it."""
+        if self.owns_group:
+            import torch.distributed as dist
+
+            if barrier:
+                dist.barrier()
+            dist.destroy_process_group()
+            self.owns_group = False
 
     # -- collectives ---------------------------------------------------------------------------------------------
     def barrier(self) -> None:
