@@ -452,6 +452,7 @@ def _report(config: RealignConfig, inputs: _Inputs, calib: Any, run: Any, execut
                 "calibration_samples": len(calib) if calib is not None else 0,
                 "calibration_response_tokens": int(meta.get("response_tokens", 0)),
                 "calibration_truncated": int(meta.get("n_truncated", 0))},
-        bytes_read=int(sum(f["size"] for r in input_records.values() for f in r["files"])),
+        # the files the run read (and hashed); LoRA mode without calibration never reads the base's shards
+        bytes_read=int(sum(f["size"] for r in input_records.values() for f in r["files"] if f["sha256"])),
         nonfinite=list(nonfinite.found), extra_tensors=list(inputs.extra_records),
     )
