@@ -197,7 +197,7 @@ print(before * 1024, kib("VmHWM") * 1024)
 
 def test_dense_peak_memory_under_bound(tmp_path: Path) -> None:
     """Peak RSS of a dense run follows the largest module, not the depth (README "Big models" states the bound:
-    about 12 bytes per entry of the largest linear beyond the imports, plus fixed buffers): 2 vs 8 layers."""
+    about 24 bytes per entry of the largest linear beyond the imports, plus fixed buffers): 2 vs 8 layers."""
     extra, ckpt = {}, {}
     for layers in (2, 8):
         root = tmp_path / str(layers)
@@ -215,7 +215,7 @@ def test_dense_peak_memory_under_bound(tmp_path: Path) -> None:
         extra[layers] = hwm - before
         ckpt[layers] = sum(p.stat().st_size for p in ft.glob("*.safetensors"))
     largest = 512 * 2048  # entries of the largest linear (up / gate / down)
-    bound = 12 * largest + 64 * 2**20
+    bound = 24 * largest + 64 * 2**20
     assert ckpt[8] > 3.5 * ckpt[2]  # the deeper run reads 3 x ~46 MB more
     assert extra[2] < bound and extra[8] < bound, (extra, bound)
     # 3 x ~46 MB more input, but at most the 16 MiB read buffer of the manifest's hashing more memory (shards of the
