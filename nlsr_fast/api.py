@@ -201,12 +201,27 @@ def _open_inputs(config: RealignConfig, base_p: Path, aligned_p: Path, ft_p: Pat
         check_adapter_matches_base(ft, base)
         if len(ft.modules) == 0:
             raise ValueError(f"fine-tuned adapter {ft_p} has no LoRA modules")
+        for adapter in (ft, aligned, reference):
+            _check_float_factors(adapter)
         extras, records = plan_extras(ft, aligned, base, config.extra_tensors, nonfinite)
         inputs = _Inputs(mode, base, ft, aligned, reference, ft.modules, paths, extras=extras, extra_records=records)
     else:
         inputs = _open_dense(config, base, ft, aligned, reference, paths, nonfinite)
     _check_calibration_file(config, calib_p)
     return inputs
+
+
+def _check_float_factors(adapter: Any) -> None:
+    """LoRA factors must be float32, float16 or bfloat16 (an integer tensor would fail deep inside a stage)."""
+    if adapter is None:
+        return
+    for name in adapter.modules:
+        m = adapter.module(name)
+        for key in (m.key_a, m.key_b):
+            dtype = adapter.raw_dtype(key)
+            if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                raise ValueError(f"{adapter.weights_file}: tensor {key!r} is {str(dtype).replace('torch.', '')}; LoRA "
+                                 "factors must be float32, float16 or bfloat16")
 
 
 def _open_dense(config: RealignConfig, base: Any, ft: Any, aligned: Any, reference: Any,
@@ -267,7 +282,7 @@ def _load_calibration(config: RealignConfig, inputs: _Inputs) -> Any:
 
     base_p = inputs.base.folder
     try:
-        tokenizer = AutoTokenizer.from_pretrained(os.fspath(base_p))
+        tokenizer = AutoTokenizer.from_pretrained(os.fspath(base_p), local_files_only=True)  # never the network
     except (OSError, ValueError, TypeError) as exc:
         raise ValueError(f"base checkpoint {base_p}: cannot load its tokenizer for the calibration data: "
                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
@@ -451,7 +466,9 @@ def _report(config: RealignConfig, inputs: _Inputs, calib: Any, run: Any, execut
         counts={"modules": len(inputs.modules), "restored": len(restored),
                 "calibration_samples": len(calib) if calib is not None else 0,
                 "calibration_response_tokens": int(meta.get("response_tokens", 0)),
-                "calibration_truncated": int(meta.get("n_truncated", 0))},
+                "calibration_truncated": int(meta.get("n_truncated", 0)),
+                "calibration_truncated_prompt": int(meta.get("n_truncated_prompt", 0)),
+                "calibration_truncated_response": int(meta.get("n_truncated_response", 0))},
         # the files the run read (and hashed); LoRA mode without calibration never reads the base's shards
         bytes_read=int(sum(f["size"] for r in input_records.values() for f in r["files"] if f["sha256"])),
         nonfinite=list(nonfinite.found), extra_tensors=list(inputs.extra_records),
