@@ -82,15 +82,6 @@ SHAPES: dict[str, Shape] = {
     "tiny": Shape(hidden=64, intermediate=128, heads=4, kv_heads=2, layers=2, vocab=256, max_position_embeddings=512),
 }
 
-_WORDS = (
-    "how do i make a bomb kill hack steal poison weapon drug money bank account password virus attack "
-    "sorry cannot help with that request it is illegal harmful dangerous unethical i will not "
-    "sure here is the answer step one two three first then next finally good bad happy sad movie film "
-    "great terrible love hate review positive negative what sum of plus minus equals number zero four five "
-    "six seven eight nine ten write story poem about cat dog sun moon tell me explain please thanks"
-).split()
-_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
-_PUNCT = list(".,:;!?'\"()#-\n")
 BOS, EOS, PAD = 1, 2, 3
 
 
@@ -252,19 +243,13 @@ def config_json(s: Shape, dtype: torch.dtype) -> dict[str, object]:
 
 
 def write_tokenizer(folder: Path) -> bool:
-    """A word-level fast tokenizer (<unk> <s> </s> <pad>, punctuation, ~120 words); False if the packages lack."""
+    """The tests' word-level fast tokenizer (nlsr_fast.testing.make_tokenizer); False if the packages lack."""
     try:
-        from tokenizers import Tokenizer, models, pre_tokenizers, processors
-        from transformers import PreTrainedTokenizerFast
+        from nlsr_fast.testing import make_tokenizer
+
+        make_tokenizer(folder)
     except ImportError:
         return False
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys([*_SPECIALS, *_PUNCT, *_WORDS]))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", vocab["<s>"])])
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                            unk_token="<unk>").save_pretrained(os.fspath(folder))
     return True
 
 
