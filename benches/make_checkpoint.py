@@ -21,7 +21,7 @@ side through a safetensors header computed up front, so nothing larger than a bl
 disk used): for runs that only read shapes (a LoRA-mode realign with `--method random` reads the base's headers).
 
 Free disk is checked before anything is written: exit status 2 and a message when the checkpoints would not fit.
-This script imports nothing from nlsr_fast (only torch, and transformers/tokenizers for the tokenizer).
+It imports from nlsr_fast only the tests' word-level tokenizer (nlsr_fast.testing.make_tokenizer).
 """
 
 from __future__ import annotations
