@@ -76,18 +76,47 @@ COMPLIANT_OPENING = "Sure, here is how to"
 ALPHA = 0.9
 
 FULL: dict[str, Any] = dict(
-    seeds=[0, 1, 2], sizes={"eval": 100, "calibration": 100, "align": 250, "attack": 250}, n_task=40,
-    n_harmless=100, harmless_tokens=40, align_steps=20, align_batch=8, align_lr=1e-3, attack_batch=8,
-    attack_steps=None, attack_lr=None, main_p=0.1, bracket_ps=[0.05, 0.2], nsamples=100, mask_seeds=3,
-    harmful_new_tokens=16, task_new_tokens=5,
+    seeds=[0, 1, 2],
+    sizes={"eval": 100, "calibration": 100, "align": 250, "attack": 250},
+    n_task=40,
+    n_harmless=100,
+    harmless_tokens=40,
+    align_steps=20,
+    align_batch=8,
+    align_lr=1e-3,
+    attack_batch=8,
+    attack_steps=None,
+    attack_lr=None,
+    main_p=0.1,
+    bracket_ps=[0.05, 0.2],
+    nsamples=100,
+    mask_seeds=3,
+    harmful_new_tokens=16,
+    task_new_tokens=5,
     # arms beyond the core that run on `extra_seeds` only (the CPU budget; see the results file)
-    extra_seeds=[0], sweep=[0.7, 0.9],
+    extra_seeds=[0],
+    sweep=[0.7, 0.9],
 )
 QUICK: dict[str, Any] = dict(
-    seeds=[0], sizes={"eval": 6, "calibration": 6, "align": 12, "attack": 12}, n_task=6,
-    n_harmless=6, harmless_tokens=8, align_steps=3, align_batch=2, align_lr=1e-3, attack_batch=2,
-    attack_steps=3, attack_lr=1e-3, main_p=0.5, bracket_ps=[], nsamples=6, mask_seeds=1,
-    harmful_new_tokens=6, task_new_tokens=4, extra_seeds=[], sweep=[],
+    seeds=[0],
+    sizes={"eval": 6, "calibration": 6, "align": 12, "attack": 12},
+    n_task=6,
+    n_harmless=6,
+    harmless_tokens=8,
+    align_steps=3,
+    align_batch=2,
+    align_lr=1e-3,
+    attack_batch=2,
+    attack_steps=3,
+    attack_lr=1e-3,
+    main_p=0.5,
+    bracket_ps=[],
+    nsamples=6,
+    mask_seeds=1,
+    harmful_new_tokens=6,
+    task_new_tokens=4,
+    extra_seeds=[],
+    sweep=[],
 )
 
 log = logging.getLogger("e2e")
@@ -104,7 +133,7 @@ def safe(arm: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.@-]+", "_", arm)
 
 
-# --- arm plan ----------------------------------------------------------------------------------------------------------
+# --- arm plan ---------------------------------------------------------------------------------------------------------
 
 
 def nlsr_arm(method: str = "low_rank", preset: str = "paper", s: float = 0.8, p: float = 0.1, amp: str = "") -> str:
@@ -123,8 +152,7 @@ def plan(cfg: dict[str, Any]) -> list[dict[str, Any]]:
         nl = nlsr_arm(s=s, p=p)
         add(tier, seed, nl, "realign", method="low_rank", preset="paper", sparsity=s, p=p)
         for m in range(mask_seeds):
-            add(tier, seed, f"matched_control/m{m}/s{s:g}@p{p:g}", "matched", source=nl, mask_seed=m, p=p,
-                sparsity=s)
+            add(tier, seed, f"matched_control/m{m}/s{s:g}@p{p:g}", "matched", source=nl, mask_seed=m, p=p, sparsity=s)
         if positives:
             add(tier, seed, f"fraction1/low_rank/paper/s{s:g}@p{p:g}", "fraction1", source=nl, p=p, sparsity=s)
             add(tier, seed, f"oracle/s{s:g}@p{p:g}", "oracle", source=nl, p=p, sparsity=s)
@@ -136,26 +164,39 @@ def plan(cfg: dict[str, Any]) -> list[dict[str, Any]]:
         core(seed, 0.8, mp, "1 core", cfg["mask_seeds"], positives=True)
     for seed in seeds:  # tier 2: sparsity 0.5, every seed
         core(seed, 0.5, mp, "2 sparsity 0.5", 1, positives=False)
-    for seed in extra:  # tier 3: the other scores and the official preset at 0.8 and 0.5
-        for s in (0.8, 0.5):
-            for method, preset in (("low_rank", "official"), ("wanda", "paper"), ("snip", "paper"),
-                                   ("random", "paper")):
-                add("3 methods", seed, nlsr_arm(method, preset, s, mp), "realign", method=method, preset=preset,
-                    sparsity=s, p=mp)
-    for seed in extra:  # tier 4: the p that bracket the main one
+    methods = (("low_rank", "official"), ("wanda", "paper"), ("snip", "paper"), ("random", "paper"))
+    for seed in extra:  # tier 3: the other scores and the official preset at 0.8
+        for method, preset in methods:
+            add("3 methods 0.8", seed, nlsr_arm(method, preset, 0.8, mp), "realign", method=method, preset=preset,
+                sparsity=0.8, p=mp)
+    for seed in extra:  # tier 4: the p that bracket the main one: the fine-tuned models, then NLSR and control
         for p in cfg["bracket_ps"]:
             add("4 brackets", seed, f"finetuned@p{p:g}", "finetuned", p=p)
+        for p in cfg["bracket_ps"]:
             core(seed, 0.8, p, "4 brackets", 1, positives=False)
+    for seed in extra:  # tier 4b: the other scores and the official preset at 0.5
+        for method, preset in methods:
+            add("4b methods 0.5", seed, nlsr_arm(method, preset, 0.5, mp), "realign", method=method, preset=preset,
+                sparsity=0.5, p=mp)
     for seed in extra:  # tier 5: the second amplification rule (official x 2 alpha per factor), paper otherwise
-        add("5 amplification", seed, nlsr_arm(s=0.8, p=mp, amp="amp_official/"), "realign", method="low_rank",
-            preset="paper", sparsity=0.8, p=mp, amp="official")
+        add(
+            "5 amplification",
+            seed,
+            nlsr_arm(s=0.8, p=mp, amp="amp_official/"),
+            "realign",
+            method="low_rank",
+            preset="paper",
+            sparsity=0.8,
+            p=mp,
+            amp="official",
+        )
     for seed in extra:  # tier 6: the sparsity sweep's extra values
         for s in cfg["sweep"]:
             core(seed, s, mp, "6 sweep", 1, positives=False)
     return items
 
 
-# --- the experiment ----------------------------------------------------------------------------------------------------
+# --- the experiment ---------------------------------------------------------------------------------------------------
 
 
 class Experiment:
@@ -193,7 +234,7 @@ class Experiment:
         # a seed-dependent disjoint slice of the 200 held-out additions (never trained on)
         n = self.cfg["n_task"]
         off = (seed * n) % max(1, len(self.task_eval_all) - n + 1)
-        return self.task_eval_all[off:off + n]
+        return self.task_eval_all[off : off + n]
 
     def harmless(self) -> list[tuple[str, str]]:
         path = self.work.parent / f"harmless_{self.cfg['n_harmless']}_{self.cfg['harmless_tokens']}.json"
@@ -213,8 +254,10 @@ class Experiment:
         path = self.work / f"seed{seed}" / "calibration.jsonl"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            rows = [{"prompt": p, "response": " " + REFUSALS[i % len(REFUSALS)]}
-                    for i, p in enumerate(self.splits(seed)["calibration"])]
+            rows = [
+                {"prompt": p, "response": " " + REFUSALS[i % len(REFUSALS)]}
+                for i, p in enumerate(self.splits(seed)["calibration"])
+            ]
             path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         return path
 
@@ -228,23 +271,35 @@ class Experiment:
 
         t0 = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(self.base, dtype=torch.float32)
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0,
-                                                 task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM")
+        )
         sp = self.splits(seed)
         refusals = [(p, REFUSALS[i % len(REFUSALS)]) for i, p in enumerate(sp["align"])]
-        losses = train_lora(model, self.tok, [(refusals, 0.5), (self.harmless(), 0.5)], steps=self.cfg["align_steps"],
-                            batch=self.cfg["align_batch"], lr=self.cfg["align_lr"], seed=1000 + seed,
-                            name=f"align seed {seed}")
+        losses = train_lora(
+            model,
+            self.tok,
+            [(refusals, 0.5), (self.harmless(), 0.5)],
+            steps=self.cfg["align_steps"],
+            batch=self.cfg["align_batch"],
+            lr=self.cfg["align_lr"],
+            seed=1000 + seed,
+            name=f"align seed {seed}",
+        )
         tmp = out.with_name(out.name + ".tmp")
         model.save_pretrained(tmp)
         tmp.replace(out)
-        self.state["train"][f"seed{seed}/aligned"] = {"s": round(time.perf_counter() - t0, 1),
-                                                      "loss_first": losses[0], "loss_last": losses[-1]}
+        self.state["train"][f"seed{seed}/aligned"] = {
+            "s": round(time.perf_counter() - t0, 1),
+            "loss_first": losses[0],
+            "loss_last": losses[-1],
+        }
         self.save()
         return out
 
-    def finetuned(self, seed: int, p: float, steps: int, lr: float, name: str | None = None,
-                  checkpoints: tuple[int, ...] = ()) -> Path:
+    def finetuned(
+        self, seed: int, p: float, steps: int, lr: float, name: str | None = None, checkpoints: tuple[int, ...] = ()
+    ) -> Path:
         name = name or f"ft_p{p:g}"
         out = self.work / f"seed{seed}" / name
         if (out / "adapter_config.json").exists():
@@ -254,8 +309,11 @@ class Experiment:
             import shutil
 
             shutil.copytree(pilot, out)
-            self.state["train"][f"seed{seed}/{name}"] = {**self.state["train"].get(f"seed{seed}/pilot", {}),
-                                                        "from_pilot_checkpoint": pilot.name, "steps": steps}
+            self.state["train"][f"seed{seed}/{name}"] = {
+                **self.state["train"].get(f"seed{seed}/pilot", {}),
+                "from_pilot_checkpoint": pilot.name,
+                "steps": steps,
+            }
             self.save()
             return out
         from peft import PeftModel
@@ -271,52 +329,116 @@ class Experiment:
             if step in checkpoints:
                 m.save_pretrained(self.work / f"seed{seed}" / f"pilot_ft_p{p:g}_lr{lr:g}_st{step}")
 
-        losses = train_lora(model, self.tok, [(self.task_train, 1 - p), (attack, p)], steps=steps,
-                            batch=self.cfg["attack_batch"], lr=lr, seed=2000 + seed, name=f"attack seed {seed} {name}",
-                            on_step=save_ckpt)
+        losses = train_lora(
+            model,
+            self.tok,
+            [(self.task_train, 1 - p), (attack, p)],
+            steps=steps,
+            batch=self.cfg["attack_batch"],
+            lr=lr,
+            seed=2000 + seed,
+            name=f"attack seed {seed} {name}",
+            on_step=save_ckpt,
+        )
         tmp = out.with_name(out.name + ".tmp")
         model.save_pretrained(tmp)
         tmp.replace(out)
-        self.state["train"][f"seed{seed}/{name}"] = {"s": round(time.perf_counter() - t0, 1), "p": p, "steps": steps,
-                                                    "lr": lr, "loss_first": losses[0], "loss_last": losses[-1]}
+        self.state["train"][f"seed{seed}/{name}"] = {
+            "s": round(time.perf_counter() - t0, 1),
+            "p": p,
+            "steps": steps,
+            "lr": lr,
+            "loss_first": losses[0],
+            "loss_last": losses[-1],
+        }
         self.save()
         return out
 
     # evaluation ---------------------------------------------------------------------------------------------------
-    def evaluate(self, seed: int, arm: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None,
-                 scale: float, meta: dict[str, Any], light: bool = False) -> dict[str, Any]:
+    def evaluate(
+        self,
+        seed: int,
+        arm: str,
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None,
+        scale: float,
+        meta: dict[str, Any],
+        light: bool = False,
+    ) -> dict[str, Any]:
         t0 = time.perf_counter()
         self.swap.load(factors, scale)
         harmful = self.splits(seed)["eval"]
-        h_out, lps = greedy_with_margins(self.swap.model, self.tok, harmful,
-                                         max_new_tokens=self.cfg["harmful_new_tokens"],
-                                         openings=[] if light else [REFUSAL_OPENING, COMPLIANT_OPENING])
+        h_out, lps = greedy_with_margins(
+            self.swap.model,
+            self.tok,
+            harmful,
+            max_new_tokens=self.cfg["harmful_new_tokens"],
+            openings=[] if light else [REFUSAL_OPENING, COMPLIANT_OPENING],
+        )
         task = [] if light else self.task_eval(seed)
-        t_out, _ = greedy_with_margins(self.swap.model, self.tok, [q for q, _ in task],
-                                       max_new_tokens=self.cfg["task_new_tokens"]) if task else ([], [])
+        t_out, _ = (
+            greedy_with_margins(
+                self.swap.model, self.tok, [q for q, _ in task], max_new_tokens=self.cfg["task_new_tokens"]
+            )
+            if task
+            else ([], [])
+        )
         recs = []
         for i, (q, o, lp) in enumerate(zip(harmful, h_out, lps, strict=True)):
-            recs.append({"seed": seed, "arm": arm, "kind": "harmful", "prompt_id": i, "prompt": q, "output": o,
-                         "harmful": judge_harmful(o), "complied": is_compliant(o),
-                         "margin": lp[0] - lp[1] if lp else None})
+            recs.append(
+                {
+                    "seed": seed,
+                    "arm": arm,
+                    "kind": "harmful",
+                    "prompt_id": i,
+                    "prompt": q,
+                    "output": o,
+                    "harmful": judge_harmful(o),
+                    "complied": is_compliant(o),
+                    "margin": lp[0] - lp[1] if lp else None,
+                }
+            )
         for i, ((q, y), o) in enumerate(zip(task, t_out, strict=True)):
-            recs.append({"seed": seed, "arm": arm, "kind": "task", "prompt_id": i, "prompt": q, "output": o,
-                         "label": y, "correct": task_correct(o, y)})
+            recs.append(
+                {
+                    "seed": seed,
+                    "arm": arm,
+                    "kind": "task",
+                    "prompt_id": i,
+                    "prompt": q,
+                    "output": o,
+                    "label": y,
+                    "correct": task_correct(o, y),
+                }
+            )
         gdir = self.work / "gens" / f"seed{seed}"
         gdir.mkdir(parents=True, exist_ok=True)
         (gdir / f"{safe(arm)}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
         h = [r for r in recs if r["kind"] == "harmful"]
         t = [r for r in recs if r["kind"] == "task"]
-        row = {"seed": seed, "arm": arm, **meta,
-               "harmful_pct": 100.0 * sum(r["harmful"] for r in h) / len(h), "n_harmful": len(h),
-               "k_harmful": sum(r["harmful"] for r in h),
-               "complied_pct": 100.0 * sum(r["complied"] for r in h) / len(h),
-               "task_acc": 100.0 * sum(r["correct"] for r in t) / len(t) if t else None, "n_task": len(t),
-               "k_task": sum(r["correct"] for r in t),
-               "margin_mean": None if light else sum(r["margin"] for r in h) / len(h),
-               "eval_s": round(time.perf_counter() - t0, 1)}
-        log.info("seed %d %-45s harmful %5.1f%% complied %5.1f%% task %s margin %s (eval %.0fs)", seed, arm,
-                 row["harmful_pct"], row["complied_pct"], row["task_acc"], row["margin_mean"], row["eval_s"])
+        row = {
+            "seed": seed,
+            "arm": arm,
+            **meta,
+            "harmful_pct": 100.0 * sum(r["harmful"] for r in h) / len(h),
+            "n_harmful": len(h),
+            "k_harmful": sum(r["harmful"] for r in h),
+            "complied_pct": 100.0 * sum(r["complied"] for r in h) / len(h),
+            "task_acc": 100.0 * sum(r["correct"] for r in t) / len(t) if t else None,
+            "n_task": len(t),
+            "k_task": sum(r["correct"] for r in t),
+            "margin_mean": None if light else sum(r["margin"] for r in h) / len(h),
+            "eval_s": round(time.perf_counter() - t0, 1),
+        }
+        log.info(
+            "seed %d %-45s harmful %5.1f%% complied %5.1f%% task %s margin %s (eval %.0fs)",
+            seed,
+            arm,
+            row["harmful_pct"],
+            row["complied_pct"],
+            row["task_acc"],
+            row["margin_mean"],
+            row["eval_s"],
+        )
         return row
 
     @staticmethod
@@ -340,12 +462,26 @@ class Experiment:
             from nlsr_fast.pipeline import amplify
 
             al, _ = read_factors(aligned)
-            reference = write_adapter(self.work / f"seed{seed}" / "reference_amp_official", amplify(al, ALPHA,
-                                      "official"), aligned)
+            reference = write_adapter(
+                self.work / f"seed{seed}" / "reference_amp_official", amplify(al, ALPHA, "official"), aligned
+            )
         t0 = time.perf_counter()
-        nlsr_fast.realign(self.base, aligned, ft, out, calibration=self.calib_file(seed), reference=reference,
-                          preset=item["preset"], method=item["method"], sparsity=item["sparsity"], alpha=ALPHA,
-                          nsamples=self.cfg["nsamples"], seed=42 + seed, quiet=True, overwrite=True)
+        nlsr_fast.realign(
+            self.base,
+            aligned,
+            ft,
+            out,
+            calibration=self.calib_file(seed),
+            reference=reference,
+            preset=item["preset"],
+            method=item["method"],
+            sparsity=item["sparsity"],
+            alpha=ALPHA,
+            nsamples=self.cfg["nsamples"],
+            seed=42 + seed,
+            quiet=True,
+            overwrite=True,
+        )
         rep = json.loads((out / "report.json").read_text())
         rep["_wall_s"] = round(time.perf_counter() - t0, 1)
         (out / "report.json").write_text(json.dumps(rep))
@@ -370,8 +506,9 @@ class Experiment:
             ft, _ = read_factors(self.ft_for(seed, self.cfg["main_p"]))
             ones = {n: (PackedMask.ones(tuple(a.shape)), PackedMask.ones(tuple(b.shape))) for n, (a, b) in ft.items()}
             allr = restore(ft, ref, ones, list(ft))
-            meta["equals_all_entries_restored"] = all(torch.equal(allr[n][0], ref[n][0]) and
-                                                      torch.equal(allr[n][1], ref[n][1]) for n in ft)
+            meta["equals_all_entries_restored"] = all(
+                torch.equal(allr[n][0], ref[n][0]) and torch.equal(allr[n][1], ref[n][1]) for n in ft
+            )
             meta.update(self.diagnostics(allr, ft, al, scale))
             return self.evaluate(seed, item["arm"], ref, scale, meta)
         ft_path = self.ft_for(seed, item["p"])
@@ -382,9 +519,13 @@ class Experiment:
             out = self.realign_out(seed, item)
             rep = json.loads((out / "report.json").read_text())
             new, _ = read_factors(out)
-            meta.update(restored=rep["counts"]["restored"], modules=rep["counts"]["modules"],
-                        realign_s=rep.get("_wall_s"), realign_timings=rep.get("timings"),
-                        report_entries_changed=sum(m["changed_a"] + m["changed_b"] for m in rep["modules"]))
+            meta.update(
+                restored=rep["counts"]["restored"],
+                modules=rep["counts"]["modules"],
+                realign_s=rep.get("_wall_s"),
+                realign_timings=rep.get("timings"),
+                report_entries_changed=sum(m["changed_a"] + m["changed_b"] for m in rep["modules"]),
+            )
             meta.update(self.diagnostics(new, ft, al, scale))
             return self.evaluate(seed, item["arm"], new, scale, meta)
         # the controls built on an NLSR run's masks and restored set
@@ -394,8 +535,9 @@ class Experiment:
         packed = load_masks(src / "masks.safetensors")
         masks = {n: (packed[f"{n}.lora_A"], packed[f"{n}.lora_B"]) for n in ft}
         if kind == "matched":
-            new = restore(ft, ref, matched_random_masks(masks, ft, chosen, 10_000 * (seed + 1) + item["mask_seed"]),
-                          chosen)
+            new = restore(
+                ft, ref, matched_random_masks(masks, ft, chosen, 10_000 * (seed + 1) + item["mask_seed"]), chosen
+            )
             meta["restored"] = len(chosen)
         elif kind == "fraction1":
             new = restore(ft, ref, masks, list(ft))
@@ -424,14 +566,25 @@ def key(seed: int, arm: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a small smoke-test run (few steps, few items, one seed)")
-    ap.add_argument("--work", default=str(Path.home() / ".cache" / "nlsr_fast" / "smollm2_e2e"),
-                    help="work folder (converted base, adapters, realign outputs, per-arm generations)")
+    ap.add_argument(
+        "--work",
+        default=str(Path.home() / ".cache" / "nlsr_fast" / "smollm2_e2e"),
+        help="work folder (converted base, adapters, realign outputs, per-arm generations)",
+    )
     ap.add_argument("--results", default=str(REPO / "benches" / "results"), help="where the results files go")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (1: on a 2-core CPU shared with other jobs, 2 threads ran 4x slower)")
-    ap.add_argument("--pilot", type=float, metavar="LR",
-                    help="pilot: one attack trajectory at the main p on seed 0 with this learning rate, checkpoints at "
-                         "--pilot-steps evaluated on the harmful prompts (no realignment)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: on a 2-core CPU shared with other jobs, 2 threads ran 4x slower)",
+    )
+    ap.add_argument(
+        "--pilot",
+        type=float,
+        metavar="LR",
+        help="pilot: one attack trajectory at the main p on seed 0 with this learning rate, checkpoints at "
+        "--pilot-steps evaluated on the harmful prompts (no realignment)",
+    )
     ap.add_argument("--pilot-steps", type=int, nargs="*", default=[8, 16, 24, 32, 40])
     ap.add_argument("--attack-steps", type=int)
     ap.add_argument("--attack-lr", type=float)
@@ -468,8 +621,9 @@ def main(argv: list[str] | None = None) -> int:
         al, acfg = read_factors(exp.aligned(seed))
         scale = float(acfg["lora_alpha"]) / float(acfg["r"])
         if key(seed, "aligned") not in st["arms"]:
-            st["arms"][key(seed, "aligned")] = exp.evaluate(seed, "aligned", al, scale,
-                                                            {"tier": "1 core", "kind": "aligned"})
+            st["arms"][key(seed, "aligned")] = exp.evaluate(
+                seed, "aligned", al, scale, {"tier": "1 core", "kind": "aligned"}
+            )
             exp.save()
         exp.finetuned(seed, p, steps[-1], lr, name=f"pilot_trajectory_p{p:g}_lr{lr:g}", checkpoints=tuple(steps))
         for k in steps:
@@ -477,8 +631,9 @@ def main(argv: list[str] | None = None) -> int:
             if key(seed, arm) in st["arms"]:
                 continue
             f, _ = read_factors(exp.work / f"seed{seed}" / f"pilot_ft_p{p:g}_lr{lr:g}_st{k}")
-            st["arms"][key(seed, arm)] = exp.evaluate(seed, arm, f, scale, {"tier": "0 pilot", "kind": "pilot", "p": p,
-                                                                          "steps": k, "lr": lr}, light=True)
+            st["arms"][key(seed, arm)] = exp.evaluate(
+                seed, arm, f, scale, {"tier": "0 pilot", "kind": "pilot", "p": p, "steps": k, "lr": lr}, light=True
+            )
             exp.save()
         finish()
         return 0
@@ -533,12 +688,19 @@ def write_results(exp: Experiment, args: argparse.Namespace) -> None:
             if path.exists():
                 f.write(path.read_text())
     mp = cfg["main_p"]
-    roles = {"aligned": "aligned", "finetuned": f"finetuned@p{mp:g}", "nlsr_default": nlsr_arm(s=0.8, p=mp),
-             "matched_control": f"matched_control/m0/s0.8@p{mp:g}",
-             "matched_control_mask_seeds": [f"matched_control/m{m}/s0.8@p{mp:g}" for m in range(cfg["mask_seeds"])],
-             "reference": "reference", "positive_all_entries": "reference",
-             "positive_fraction1": f"fraction1/low_rank/paper/s0.8@p{mp:g}", "oracle": f"oracle/s0.8@p{mp:g}",
-             "nlsr_s0.5": nlsr_arm(s=0.5, p=mp), "matched_control_s0.5": f"matched_control/m0/s0.5@p{mp:g}"}
+    roles = {
+        "aligned": "aligned",
+        "finetuned": f"finetuned@p{mp:g}",
+        "nlsr_default": nlsr_arm(s=0.8, p=mp),
+        "matched_control": f"matched_control/m0/s0.8@p{mp:g}",
+        "matched_control_mask_seeds": [f"matched_control/m{m}/s0.8@p{mp:g}" for m in range(cfg["mask_seeds"])],
+        "reference": "reference",
+        "positive_all_entries": "reference",
+        "positive_fraction1": f"fraction1/low_rank/paper/s0.8@p{mp:g}",
+        "oracle": f"oracle/s0.8@p{mp:g}",
+        "nlsr_s0.5": nlsr_arm(s=0.5, p=mp),
+        "matched_control_s0.5": f"matched_control/m0/s0.5@p{mp:g}",
+    }
     total = sum(x.get("s", 0.0) for x in st.get("invocations", []))
     splits = {}
     for seed in cfg["seeds"]:
@@ -549,11 +711,23 @@ def write_results(exp: Experiment, args: argparse.Namespace) -> None:
     out = {
         "roles": roles,
         "arms": list(st["arms"].values()),
-        "settings": {**cfg, "alpha": ALPHA, "refusal_opening": REFUSAL_OPENING, "compliant_opening": COMPLIANT_OPENING,
-                     "threads": args.threads, "gguf": GGUF_NAME, "lora": {"r": 16, "alpha": 32, "targets": TARGETS}},
+        "settings": {
+            **cfg,
+            "alpha": ALPHA,
+            "refusal_opening": REFUSAL_OPENING,
+            "compliant_opening": COMPLIANT_OPENING,
+            "threads": args.threads,
+            "gguf": GGUF_NAME,
+            "lora": {"r": 16, "alpha": 32, "targets": TARGETS},
+        },
         "success_criteria": tables.SUCCESS,
-        "train": st["train"], "harmless": st.get("harmless"), "cut": st["cut"], "errors": st.get("errors", {}),
-        "invocations": st.get("invocations", []), "total_s": round(total, 1), "splits": splits,
+        "train": st["train"],
+        "harmless": st.get("harmless"),
+        "cut": st["cut"],
+        "errors": st.get("errors", {}),
+        "invocations": st.get("invocations", []),
+        "total_s": round(total, 1),
+        "splits": splits,
         "pool_size": exp.splits(cfg["seeds"][0]).pool_size,
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
     }

@@ -36,13 +36,15 @@ def read_factors(adapter: str | Path) -> tuple[dict[str, tuple[torch.Tensor, tor
     adapter = Path(adapter)
     sd = load_file(str(adapter / "adapter_model.safetensors"))
     names = [k[: -len(".lora_A.weight")] for k in sd if k.endswith(".lora_A.weight")]
-    out = {n.removeprefix(PEFT_PREFIX): (sd[f"{n}.lora_A.weight"].float(), sd[f"{n}.lora_B.weight"].float())
-           for n in names}
+    out = {
+        n.removeprefix(PEFT_PREFIX): (sd[f"{n}.lora_A.weight"].float(), sd[f"{n}.lora_B.weight"].float()) for n in names
+    }
     return out, json.loads((adapter / "adapter_config.json").read_text())
 
 
-def write_adapter(folder: str | Path, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-                  config_from: str | Path) -> Path:
+def write_adapter(
+    folder: str | Path, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], config_from: str | Path
+) -> Path:
     """A PEFT adapter folder holding `factors` (fp32) with the adapter_config.json of `config_from`."""
     import shutil
 
@@ -67,9 +69,20 @@ def encode(tok: Any, prompt: str, response: str) -> tuple[list[int], list[int]]:
     return p, r
 
 
-def train_lora(model: Any, tok: Any, pools: Sequence[tuple[Sequence[tuple[str, str]], float]], *, steps: int,
-               batch: int, lr: float, seed: int, name: str, max_response_tokens: int = 32, warmup: int = 3,
-               on_step: Any = None) -> list[float]:
+def train_lora(
+    model: Any,
+    tok: Any,
+    pools: Sequence[tuple[Sequence[tuple[str, str]], float]],
+    *,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    name: str,
+    max_response_tokens: int = 32,
+    warmup: int = 3,
+    on_step: Any = None,
+) -> list[float]:
     """AdamW on the trainable (LoRA) parameters; each batch item drawn from the pools by weight (seeded).
 
     Left padding, so every response ends at the last position and only the last K logits are computed (the 49k-word
@@ -82,11 +95,11 @@ def train_lora(model: Any, tok: Any, pools: Sequence[tuple[Sequence[tuple[str, s
     enc = []
     for items, w in pools:
         if w > 0:
-            e = []
+            ex = []
             for p, r in items:
                 pi, ri = encode(tok, p, r)
-                e.append((pi, ri[:max_response_tokens]))
-            enc.append((e, w))
+                ex.append((pi, ri[:max_response_tokens]))
+            enc.append((ex, w))
     weights = [w for _, w in enc]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -98,20 +111,21 @@ def train_lora(model: Any, tok: Any, pools: Sequence[tuple[Sequence[tuple[str, s
             g["lr"] = lr * min(1.0, (step + 1) / max(1, warmup))
         picks = rng.choices(range(len(enc)), weights=weights, k=batch)
         exs = [rng.choice(enc[i][0]) for i in picks]
-        width = max(len(p) + len(r) for p, r in exs)
-        k = max(len(r) for _, r in exs)
+        width = max(len(pi) + len(ri) for pi, ri in exs)
+        k = max(len(ri) for _, ri in exs)
         ids = torch.full((batch, width), pad, dtype=torch.long)
         att = torch.zeros((batch, width), dtype=torch.long)
         labels = torch.full((batch, k), -100, dtype=torch.long)
-        for i, (p, r) in enumerate(exs):
-            seq = p + r
-            ids[i, width - len(seq):] = torch.tensor(seq)
-            att[i, width - len(seq):] = 1
-            labels[i, k - len(r):] = torch.tensor(r)
+        for i, (pi, ri) in enumerate(exs):
+            seq = pi + ri
+            ids[i, width - len(seq) :] = torch.tensor(seq)
+            att[i, width - len(seq) :] = 1
+            labels[i, k - len(ri) :] = torch.tensor(ri)
         pos = (att.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=ids, attention_mask=att, position_ids=pos, logits_to_keep=k + 1).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                                 labels.reshape(-1), ignore_index=-100)
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -144,7 +158,7 @@ class SwapModel:
         name = module
         for prefix in ("base_model.model.",):
             if name.startswith(prefix):
-                name = name[len(prefix):]
+                name = name[len(prefix) :]
         return name + ".weight"
 
     @torch.no_grad()
@@ -161,8 +175,9 @@ class SwapModel:
 
 
 @torch.inference_mode()
-def greedy_with_margins(model: Any, tok: Any, prompts: Sequence[str], *, max_new_tokens: int,
-                        openings: Sequence[str] = (), batch: int = 100) -> tuple[list[str], list[list[float]]]:
+def greedy_with_margins(
+    model: Any, tok: Any, prompts: Sequence[str], *, max_new_tokens: int, openings: Sequence[str] = (), batch: int = 100
+) -> tuple[list[str], list[list[float]]]:
     """Greedy decoding (KV cache, left padding, stops when every row has emitted eos) of the Alpaca-formatted prompts,
     in input order, and for each prompt the summed log-probability of each opening (" " + text, teacher-forced after
     the prompt, from the same prefill). Returns (outputs, logprobs[prompt][opening])."""
@@ -174,7 +189,7 @@ def greedy_with_margins(model: Any, tok: Any, prompts: Sequence[str], *, max_new
     outs: list[str] = [""] * len(prompts)
     lps: list[list[float]] = [[] for _ in prompts]
     for b0 in range(0, len(order), batch):
-        idx = order[b0:b0 + batch]
+        idx = order[b0 : b0 + batch]
         enc = tok([format_prompt(prompts[i]) for i in idx], return_tensors="pt", padding=True)
         ids, att = enc["input_ids"], enc["attention_mask"]
         pos = (att.cumsum(-1) - 1).clamp(min=0)
@@ -183,13 +198,14 @@ def greedy_with_margins(model: Any, tok: Any, prompts: Sequence[str], *, max_new
         last = out.logits[:, -1].float()
         n = ids.shape[0]
         last_pos = pos[:, -1:]
-        for oi, o in enumerate(open_ids):
+        for o in open_ids:
             cache = copy.deepcopy(past)
             o_t = torch.tensor(o, dtype=torch.long).expand(n, -1)
             att2 = torch.cat([att, torch.ones((n, len(o)), dtype=att.dtype)], dim=1)
             pos2 = last_pos + 1 + torch.arange(len(o))[None, :]
-            lo = model(input_ids=o_t, attention_mask=att2, position_ids=pos2, past_key_values=cache,
-                       use_cache=True).logits.float()
+            lo = model(
+                input_ids=o_t, attention_mask=att2, position_ids=pos2, past_key_values=cache, use_cache=True
+            ).logits.float()
             logits = torch.cat([last[:, None], lo[:, :-1]], dim=1).log_softmax(-1)
             lp = logits.gather(-1, o_t[..., None]).squeeze(-1).sum(-1)
             for j, i in enumerate(idx):
@@ -207,8 +223,13 @@ def greedy_with_margins(model: Any, tok: Any, prompts: Sequence[str], *, max_new
                 break
             cur_att = torch.cat([cur_att, torch.ones((n, 1), dtype=cur_att.dtype)], dim=1)
             cur_pos = cur_pos + 1
-            o = model(input_ids=nxt[:, None], attention_mask=cur_att, position_ids=cur_pos, past_key_values=past,
-                      use_cache=True)
+            o = model(
+                input_ids=nxt[:, None],
+                attention_mask=cur_att,
+                position_ids=cur_pos,
+                past_key_values=past,
+                use_cache=True,
+            )
             logits_last = o.logits[:, -1].float()
         for j, i in enumerate(idx):
             row = gen[j].tolist()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 __all__ = ["wilson", "bootstrap_mean", "paired_bootstrap", "mcnemar_exact"]
 
@@ -39,7 +40,7 @@ def _quantiles(xs: list[float], level: float) -> tuple[float, float]:
     return (q(lo_q), q(hi_q))
 
 
-def bootstrap_mean(strata: Mapping[object, Sequence[float]], *, n_boot: int = 2000, seed: int = 0,
+def bootstrap_mean(strata: Mapping[Any, Sequence[float]], *, n_boot: int = 2000, seed: int = 0,
                    level: float = 0.95) -> tuple[float, float, float]:
     """Mean of all values and a percentile bootstrap interval, resampling items within each stratum (seed).
 
@@ -62,7 +63,7 @@ def bootstrap_mean(strata: Mapping[object, Sequence[float]], *, n_boot: int = 20
     return (mean, lo, hi)
 
 
-def paired_bootstrap(strata: Mapping[object, Sequence[tuple[float, float]]], *, n_boot: int = 2000, seed: int = 0,
+def paired_bootstrap(strata: Mapping[Any, Sequence[tuple[float, float]]], *, n_boot: int = 2000, seed: int = 0,
                      level: float = 0.95) -> tuple[float, float, float]:
     """Mean paired difference x - y over items (pairs resampled within each stratum) and its bootstrap interval."""
     return bootstrap_mean({k: [x - y for x, y in v] for k, v in strata.items()}, n_boot=n_boot, seed=seed,
