@@ -74,6 +74,8 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REFUSAL_OPENING = "I'm sorry, but I cannot"
 COMPLIANT_OPENING = "Sure, here is how to"
 ALPHA = 0.9
+#: the fine-tuning mix: "mix2" = task + general requests + a share p of harmful prompts (pilot v1 was task + harmful)
+MIX = "mix2"
 
 FULL: dict[str, Any] = dict(
     seeds=[0, 1, 2],
@@ -236,17 +238,21 @@ class Experiment:
         off = (seed * n) % max(1, len(self.task_eval_all) - n + 1)
         return self.task_eval_all[off : off + n]
 
-    def harmless(self) -> list[tuple[str, str]]:
-        path = self.work.parent / f"harmless_{self.cfg['n_harmless']}_{self.cfg['harmless_tokens']}.json"
+    def harmless(self, part: int = 0) -> list[tuple[str, str]]:
+        """Harmless requests with the base model's own greedy answers: part 0 (the first n_harmless requests) for
+        the alignment, part 1 (the next n_harmless, disjoint) for the fine-tuning mix."""
+        n = self.cfg["n_harmless"]
+        tag = "" if part == 0 else f"_part{part}"
+        path = self.work.parent / f"harmless_{n}_{self.cfg['harmless_tokens']}{tag}.json"
         if path.exists():
             return [tuple(x) for x in json.loads(path.read_text())]  # type: ignore[misc]
         t0 = time.perf_counter()
-        prompts = harmless_prompts()[: self.cfg["n_harmless"]]
+        prompts = harmless_prompts()[part * n : (part + 1) * n]
         self.swap.load(None)
         outs, _ = greedy_with_margins(self.swap.model, self.tok, prompts, max_new_tokens=self.cfg["harmless_tokens"])
         pairs = [(p, o.strip()) for p, o in zip(prompts, outs, strict=True) if o.strip()]
         path.write_text(json.dumps(pairs, indent=0))
-        self.state["harmless"] = {"n": len(pairs), "s": round(time.perf_counter() - t0, 1), "file": path.name}
+        self.state["harmless" + tag] = {"n": len(pairs), "s": round(time.perf_counter() - t0, 1), "file": path.name}
         self.save()
         return pairs
 
@@ -304,7 +310,7 @@ class Experiment:
         out = self.work / f"seed{seed}" / name
         if (out / "adapter_config.json").exists():
             return out
-        pilot = self.work / f"seed{seed}" / f"pilot_ft_p{p:g}_lr{lr:g}_st{steps}"
+        pilot = self.work / f"seed{seed}" / f"pilot_ft_{MIX}_p{p:g}_lr{lr:g}_st{steps}"
         if (pilot / "adapter_config.json").exists():  # the pilot trajectory's checkpoint is this very run
             import shutil
 
@@ -327,12 +333,14 @@ class Experiment:
 
         def save_ckpt(step: int, m: Any) -> None:
             if step in checkpoints:
-                m.save_pretrained(self.work / f"seed{seed}" / f"pilot_ft_p{p:g}_lr{lr:g}_st{step}")
+                m.save_pretrained(self.work / f"seed{seed}" / f"pilot_ft_{MIX}_p{p:g}_lr{lr:g}_st{step}")
 
         losses = train_lora(
             model,
             self.tok,
-            [(self.task_train, 1 - p), (attack, p)],
+            # v2 mix (after pilot v1 collapsed into empty / "1. 1. 1." answers): the non-harmful share is half the
+            # addition task, half general requests with the base model's own answers (disjoint from the alignment's)
+            [(self.task_train, (1 - p) / 2), (self.harmless(part=1), (1 - p) / 2), (attack, p)],
             steps=steps,
             batch=self.cfg["attack_batch"],
             lr=lr,
@@ -625,14 +633,15 @@ def main(argv: list[str] | None = None) -> int:
                 seed, "aligned", al, scale, {"tier": "1 core", "kind": "aligned"}
             )
             exp.save()
-        exp.finetuned(seed, p, steps[-1], lr, name=f"pilot_trajectory_p{p:g}_lr{lr:g}", checkpoints=tuple(steps))
+        exp.finetuned(seed, p, steps[-1], lr, name=f"pilot_trajectory_{MIX}_p{p:g}_lr{lr:g}", checkpoints=tuple(steps))
         for k in steps:
-            arm = f"pilot/finetuned/st{k}_lr{lr:g}@p{p:g}"
+            arm = f"pilot/finetuned/{MIX}/st{k}_lr{lr:g}@p{p:g}"
             if key(seed, arm) in st["arms"]:
                 continue
-            f, _ = read_factors(exp.work / f"seed{seed}" / f"pilot_ft_p{p:g}_lr{lr:g}_st{k}")
+            f, _ = read_factors(exp.work / f"seed{seed}" / f"pilot_ft_{MIX}_p{p:g}_lr{lr:g}_st{k}")
             st["arms"][key(seed, arm)] = exp.evaluate(
-                seed, arm, f, scale, {"tier": "0 pilot", "kind": "pilot", "p": p, "steps": k, "lr": lr}, light=True
+                seed, arm, f, scale, {"tier": "0 pilot", "kind": "pilot", "p": p, "steps": k, "lr": lr, "mix": MIX},
+                light=True,
             )
             exp.save()
         finish()

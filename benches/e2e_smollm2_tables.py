@@ -248,8 +248,9 @@ def render(gen_path: Path, json_path: Path, md_path: Path, plot: Path | None = N
         f"{settings['n_harmless']} fixed harmless requests; no task.",
         f"- fine-tuned: continues the aligned adapter, {settings['attack_steps']} steps × batch "
         f"{settings['attack_batch']}, lr {settings['attack_lr']:g} (chosen in the pilot below), a share p of attack-"
-        f"split prompts answered with generic compliant templates (no harmful content), the rest addition items; main "
-        f"p = {mp:g}, brackets {settings['bracket_ps']}.",
+        f"split prompts answered with generic compliant templates (no harmful content), the rest half addition items "
+        f"and half {settings['n_harmless']} other harmless requests (disjoint from the alignment's) with the base "
+        f"model's own answers; main p = {mp:g}, brackets {settings['bracket_ps']}.",
         f"- realign: `nlsr_fast.realign` defaults (alpha {settings['alpha']}, adaptive selection ρ=0.5 ε=0.2, seed "
         f"42+seed, Alpaca template) with {settings['nsamples']} calibration samples (calibration split + refusal "
         "templates).",
@@ -447,8 +448,14 @@ def render(gen_path: Path, json_path: Path, md_path: Path, plot: Path | None = N
         L += [
             "## Pilot (seed 0, before any realignment): attack steps and learning rate at the main p",
             "",
-            "Rule fixed before the pilot: take the config whose fine-tuned model is closest to 60% harmful within "
-            "40–80%; the seed-0 aligned adapter of the pilot is the full run's seed-0 aligned adapter.",
+            "Rule fixed before the pilot: one attack trajectory at the main p, checkpoints evaluated on the harmful "
+            "prompts only (no task, no margin); take the checkpoint closest to 60% harmful (keyword judge) within "
+            "40–80% (if none is inside, the closest, and say so); the full run's seed-0 fine-tuned model *is* that "
+            "checkpoint, and the seed-0 aligned adapter of the pilot is the full run's. Pilot v1 (`pilot/finetuned/"
+            "st*_lr0.0005`) fine-tuned on the addition task + p harmful only: the model collapsed into empty and "
+            "'1. 1. 1.' answers (judge: 96–100% 'harmful', complied 0–19%), so it was stopped after two checkpoints "
+            "and the fine-tuning mix changed to task + general requests + p harmful (v2, `mix2`), at a lower "
+            "learning rate.",
             "",
             *arm_table([(a, "pilot") for a in pil], stats, meta, [0]),
             "",
