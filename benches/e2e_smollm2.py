@@ -596,6 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pilot-steps", type=int, nargs="*", default=[8, 16, 24, 32, 40])
     ap.add_argument("--attack-steps", type=int)
     ap.add_argument("--attack-lr", type=float)
+    ap.add_argument("--extra-seeds", type=int, nargs="*",
+                    help="seeds for the arms beyond the core (default: seed 0); a resumed run adds the new ones")
     ap.add_argument("--deadline", help="HH:MM UTC: arms that would start later are cut (recorded)")
     ap.add_argument("--report-only", action="store_true", help="only re-write the results files from the work folder")
     args = ap.parse_args(argv)
@@ -613,6 +615,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg["attack_steps"] = args.attack_steps
     if args.attack_lr is not None:
         cfg["attack_lr"] = args.attack_lr
+    if args.extra_seeds is not None:
+        cfg["extra_seeds"] = args.extra_seeds
     command = "python " + " ".join(shlex.quote(a) for a in ["benches/e2e_smollm2.py"] + sys.argv[1:])
     t_start = time.perf_counter()
     st.setdefault("invocations", [])
