@@ -113,7 +113,8 @@ def verdict(
     out = []
     res: dict[str, bool | None] = {}
     gaps: dict[str, dict[str, Any] | None] = {}
-    for tag, nl_arm, ctrl_arms in (("0.8", nl, ctrls), ("0.5", roles["nlsr_s0.5"], [roles["matched_control_s0.5"]])):
+    ctrls05 = roles.get("matched_control_s0.5_mask_seeds") or [roles["matched_control_s0.5"]]
+    for tag, nl_arm, ctrl_arms in (("0.8", nl, ctrls), ("0.5", roles["nlsr_s0.5"], ctrls05)):
         d_ft = paired(stats, nl_arm, [ft], seeds)
         d_ctrl = paired(stats, nl_arm, ctrl_arms, seeds)
         d_task = paired(stats, nl_arm, [ft], seeds, field="task_vec")
@@ -190,7 +191,7 @@ def plot(path: Path, stats: dict[tuple[int, str], dict[str, Any]], settings: dic
                 )
     for arm, label, color in (
         (f"finetuned@p{mp:g}", "fine-tuned (seed 0)", "k"),
-        ("reference", "amplified reference (seed 0)", "g"),
+        ("reference", "amplified reference (seed 0)", "C4"),
         ("aligned", "aligned (seed 0)", "C2"),
     ):
         st = stats.get((0, arm))
@@ -349,9 +350,13 @@ def render(gen_path: Path, json_path: Path, md_path: Path, plot: Path | None = N
             paired(stats, ctrls[0], [roles["finetuned"]], seeds, field="task_vec"),
         )
     )
+    c05 = roles.get("matched_control_s0.5_mask_seeds") or [roles["matched_control_s0.5"]]
+    if len(c05) > 1:
+        L.append(paired_line("harmful: NLSR 0.5 − matched control 0.5 (mean of mask seeds)",
+                             paired(stats, roles["nlsr_s0.5"], c05, seeds)))
     L.append(
         paired_line(
-            "harmful: NLSR 0.5 − matched control 0.5",
+            "harmful: NLSR 0.5 − matched control 0.5 (mask seed 0)",
             paired(stats, roles["nlsr_s0.5"], [roles["matched_control_s0.5"]], seeds),
         )
     )
@@ -374,7 +379,7 @@ def render(gen_path: Path, json_path: Path, md_path: Path, plot: Path | None = N
     for name, x, ys in (
         ("NLSR 0.8 − matched control (mean of mask seeds)", roles["nlsr_default"], ctrls),
         ("NLSR 0.8 − fine-tuned", roles["nlsr_default"], [roles["finetuned"]]),
-        ("NLSR 0.5 − matched control 0.5", roles["nlsr_s0.5"], [roles["matched_control_s0.5"]]),
+        ("NLSR 0.5 − matched control 0.5 (mean of mask seeds)", roles["nlsr_s0.5"], c05),
     ):
         d = paired(stats, x, ys, seeds, field="margin_vec")
         if d is not None:  # margins are not percentages: undo the x100
@@ -389,7 +394,7 @@ def render(gen_path: Path, json_path: Path, md_path: Path, plot: Path | None = N
             [
                 (roles["finetuned"], "fine-tuned t"),
                 (roles["nlsr_s0.5"], "NLSR 0.5"),
-                (roles["matched_control_s0.5"], "matched control 0.5"),
+                *[(a, "matched control 0.5") for a in c05],
             ],
             stats,
             meta,
