@@ -625,7 +625,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     st.setdefault("invocations", [])
     inv = {"command": command, "start": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M:%S} UTC"}
-    st["invocations"].append(inv)
+    if not args.report_only:
+        st["invocations"].append(inv)
 
     def finish() -> None:
         inv["s"] = round(time.perf_counter() - t_start, 1)
