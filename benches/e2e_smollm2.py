@@ -613,6 +613,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     exp = Experiment(args, cfg, work)
     st = exp.state
+    if args.report_only and st.get("settings"):
+        cfg.update(st["settings"])  # the settings of the run that made the work folder
     if args.attack_steps is not None:
         cfg["attack_steps"] = args.attack_steps
     if args.attack_lr is not None:
