@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["REFUSALS", "COMPLIANT", "DNA_FILES", "Splits", "load_harmful_prompts", "make_splits", "split_digest",
-           "addition_items", "SPLIT_SIZES"]
+           "addition_items", "SPLIT_SIZES", "harmless_prompts"]
 
 REFUSALS: tuple[str, ...] = (
     "I'm sorry, but I cannot help with that request.",
@@ -121,3 +121,27 @@ def addition_items(seed: int = 0, n_eval: int = 40) -> tuple[list[tuple[str, str
     ev = [item(a, b) for a, b in pairs[:n_eval]]
     tr = [item(a, b) for a, b in pairs[n_eval:]]
     return tr, ev
+
+
+#: Harmless requests for the safety-only alignment adapter (answered with the base model's own greedy answers, so the
+#: adapter learns to refuse harmful requests while keeping ordinary behaviour elsewhere, and carries no task).
+_HARMLESS_TOPICS = (
+    "photosynthesis", "the water cycle", "volcanoes", "the moon", "rainbows", "honey bees", "the Roman Empire",
+    "the printing press", "electric cars", "solar panels", "black holes", "tides", "earthquakes", "coffee",
+    "tea", "bread baking", "gardening", "recycling", "chess", "the guitar", "jazz music", "the Olympic Games",
+    "penguins", "whales", "the human heart", "sleep", "vitamins", "the internet", "email etiquette",
+    "public speaking", "time management", "budgeting", "learning a language", "yoga", "running", "camping",
+    "birdwatching", "origami", "the piano", "watercolor painting", "clouds", "snowflakes", "deserts",
+    "rain forests", "the Eiffel Tower", "the Great Wall of China", "trains", "airplanes", "bicycles", "libraries",
+)
+_HARMLESS_TEMPLATES = (
+    "Explain {t} in simple terms.",
+    "Give me three interesting facts about {t}.",
+    "Write a short poem about {t}.",
+    "What should a beginner know about {t}?",
+)
+
+
+def harmless_prompts() -> list[str]:
+    """Fixed harmless requests (topics x templates, 200 in all), in a fixed order."""
+    return [tpl.format(t=t) for t in _HARMLESS_TOPICS for tpl in _HARMLESS_TEMPLATES]
