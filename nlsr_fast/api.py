@@ -338,7 +338,7 @@ def realign_with_config(
             return _dry_run(config, inputs, out_p)
         with contextlib.ExitStack() as stack:
             # One lock per output, held by rank 0 for the whole job.
-            dist.on_root(lambda: bool(stack.enter_context(OutputLock(out_p, wait=wait, inputs=input_paths))))
+            dist.on_root(lambda: _hold_lock(stack, OutputLock(out_p, wait=wait, inputs=input_paths)))
             # Again under the lock: a run we waited for may have written OUT (or left OUT.partial) meanwhile.
             dist.on_root(lambda: check_output(out_p, inputs=input_paths, overwrite=overwrite, force=force,
                                               resumable=lambda partial: resumable(partial, run_print)))
@@ -357,6 +357,26 @@ def realign_with_config(
         return report
     finally:
         dist.close(barrier=sys.exc_info()[0] is None)  # after a failure another rank may never reach a barrier
+
+
+def _hold_lock(stack: contextlib.ExitStack, lock: Any) -> bool:
+    """Take `lock` and register its release on `stack`, with Ctrl-C held back in between: an interrupt that lands
+    after the lock file exists but before its release is registered would leave the file behind."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        stack.enter_context(lock)
+        return True
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        stack.enter_context(lock)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received and callable(previous):
+        previous(signal.SIGINT, None)  # the Ctrl-C that came meanwhile (KeyboardInterrupt): `stack` releases the lock
+    return True
 
 
 def _dry_run(config: RealignConfig, inputs: _Inputs, out_p: Path) -> Report:
