@@ -264,10 +264,10 @@ def _check_calibration_file(config: RealignConfig, calib_p: Path | None) -> None
     needs = config.method not in ("random", "magnitude")
     if needs and calib_p is None:
         raise ValueError(f"method {config.method!r} needs calibration data (calibration=..., --calibration FILE)")
-    if calib_p is not None and calib_p.is_dir():
-        raise ValueError(f"calibration {calib_p} is a folder, not a JSONL file")
-    if calib_p is not None and not calib_p.is_file():
-        raise ValueError(f"calibration file {calib_p} does not exist")
+    if calib_p is not None:
+        from nlsr_fast.calib.data import check_calibration_path
+
+        check_calibration_path(calib_p)
 
 
 def _load_calibration(config: RealignConfig, inputs: _Inputs) -> Any:
@@ -454,6 +454,8 @@ def _build(config: RealignConfig, inputs: _Inputs, calib: Any, tmp: Path, nonfin
 
 def _report(config: RealignConfig, inputs: _Inputs, calib: Any, run: Any, executed: Any, hasher: Any, out_p: Path,
             nonfinite: NonFinite) -> Report:
+    from nlsr_fast.io.adapter import layer_of
+
     records = []
     restored = set(executed.restored)
     chosen = executed.selection
@@ -462,9 +464,9 @@ def _report(config: RealignConfig, inputs: _Inputs, calib: Any, run: Any, execut
         dens = executed.densities[name]
         changed = executed.changed.get(name, {})
         shapes = run.mask_shapes
-        layer = next((int(p) for p in name.split(".") if p.isdigit()), -1)
+        layer = layer_of(name)
         records.append(ModuleRecord(
-            name=name, layer=layer, similarity=float(executed.similarities[name]),
+            name=name, layer=-1 if layer is None else layer, similarity=float(executed.similarities[name]),
             probability=None if chosen.probabilities is None else chosen.probabilities[i],
             draw=None if chosen.draws is None else chosen.draws[i], restored=name in restored,
             density_a=dens[keys[0]], density_b=dens[keys[1]] if len(keys) > 1 else 0.0,

@@ -80,10 +80,7 @@ class DenseInput:
     def read(self, key: str, base_value: torch.Tensor | None = None) -> torch.Tensor:
         """Tensor `key` of this model (merged when an adapter adapts it); `base_value` saves re-reading the base."""
         if self.adapter is None:
-            reader: CheckpointReader = self.source  # type: ignore[assignment]
-            t = read_tensor(reader.info(key))
-            self.nonfinite.check(t, file=reader.file_of(key), tensor=key)
-            return t
+            return read_base(self.source, key, self.nonfinite)  # type: ignore[arg-type]
         w0 = base_value if base_value is not None else read_base(self.base, key, self.nonfinite)
         name = key[: -len(".weight")] if key.endswith(".weight") else None
         if name is None or name not in self.adapter:
@@ -102,6 +99,7 @@ class DenseInput:
 
 
 def read_base(base: CheckpointReader, key: str, nonfinite: NonFinite) -> torch.Tensor:
+    """Tensor `key` of a checkpoint, read into private memory and checked by the non-finite policy."""
     t = read_tensor(base.info(key))
     nonfinite.check(t, file=base.file_of(key), tensor=key)
     return t

@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -138,7 +138,8 @@ def execute(
         root: this process also writes the tensors that belong to no module.
         gather: merges the per-module results of every process ({name: value}); identity in one process.
         progress: optional callback(phase, done, total).
-        precomputed_masks: masks made before pass 1 (calibration methods), or None to let the space make them.
+        precomputed_masks: masks made and written by calibration before pass 1, or None to let the space make
+            (and write) them.
         journal: a resume.Journal: journaled modules are skipped (their results read back), finished ones recorded.
     Returns:
         Executed, with every module's results (all processes' after `gather`) and the seconds of each phase.
@@ -153,9 +154,12 @@ def execute(
     start = time.perf_counter()
     todo = [n for n in mine if n not in sims]
     for done, (name, loaded) in enumerate(prefetch(todo, space.load), start=1):
-        masks = precomputed_masks(name) if precomputed_masks is not None else space.masks(name, loaded)
-        for key, mask in masks.items():
-            masks_file.write(key, mask)
+        if precomputed_masks is not None:  # calibration wrote them to masks.safetensors already
+            masks = precomputed_masks(name)
+        else:
+            masks = space.masks(name, loaded)
+            for key, mask in masks.items():
+                masks_file.write(key, mask)
         sims[name] = space.similarity(name, loaded, masks)
         densities[name] = {key: mask.density() for key, mask in masks.items()}
         space.write_finetuned(name, loaded)
@@ -196,13 +200,3 @@ def execute(
     changed = gather(changed)
     timings["pass2"] = time.perf_counter() - start
     return Executed(sims, densities, chosen, restored, changed, {k: round(v, 4) for k, v in timings.items()})
-
-
-def owner_by_size(sizes: Sequence[int], world: int) -> list[int]:
-    """Assign items to `world` processes in contiguous runs of about equal total size (model order kept)."""
-    total = sum(sizes) or 1
-    owners, acc = [], 0
-    for size in sizes:
-        owners.append(min(world - 1, int(acc * world // total)))
-        acc += size
-    return owners

@@ -28,6 +28,7 @@ __all__ = [
     "check_compatible",
     "check_adapter_matches_base",
     "get_pattern_key",
+    "layer_of",
     "module_order_key",
     "write_adapter",
 ]
@@ -78,6 +79,11 @@ def get_pattern_key(pattern_keys: Sequence[str], key_to_match: str) -> str:
         if re.match(rf"(.*\.)?({key})$", key_to_match):
             return key
     return key_to_match
+
+
+def layer_of(name: str) -> int | None:
+    """Decoder layer of a module name: its first integer path segment, or None."""
+    return _layer_of(name)
 
 
 def _layer_of(name: str) -> int | None:

@@ -88,9 +88,11 @@ def make_plan(
     Returns:
         A JSON-able dict: modules (name, layer, rank, shapes), counts, calibration, memory and time estimates.
     """
+    from nlsr_fast.io.adapter import layer_of
+
     records = []
     for name in (finetuned.modules if modules is None else modules):
-        layer = next((int(p) for p in name.split(".") if p.isdigit()), None)
+        layer = layer_of(name)
         if mode == "dense":
             shape = list(finetuned.shape(f"{name}.weight"))
             records.append({"name": name, "layer": layer, "rank": None, "shape_a": shape, "shape_b": []})
