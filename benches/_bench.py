@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from nlsr_fast.bench.cases import STREAMING_OPS, Case, check
+from nlsr_fast.bench.cases import STREAMING_OPS, Case, backends_on, check
 from nlsr_fast.bench.timing import sync
-from nlsr_fast.ops import available
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16
 
 
 def providers(op: str) -> list[str]:
-    """Registered backends usable here, reference first (the baseline)."""
-    return [b.value for b in reversed(available(op, DEVICE))]
+    """Registered backends usable here, reference first (the baseline); a host op's host backends (HOST_OPS)."""
+    return backends_on(op, DEVICE)
 
 
 def run_bench(benchmark, case: Case, provider: str, copy_gbps: float | None = None) -> None:

@@ -30,6 +30,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "lora_shape" in metafunc.fixturenames:
         table = shapes.SMOKE_LORA if smoke else {n: shapes.LORA_SHAPES[n] for n in shapes.BENCH_LORA}
         metafunc.parametrize("lora_shape", list(table.values()), ids=list(table))
+    if "factor_shape" in metafunc.fixturenames:
+        table = shapes.SMOKE_FACTORS if smoke else {n: shapes.FACTOR_SHAPES[n] for n in shapes.BENCH_FACTORS}
+        metafunc.parametrize("factor_shape", list(table.values()), ids=list(table))
 
 
 @pytest.fixture(scope="session")

@@ -11,11 +11,14 @@
 
 #include "nlsr/cpu_features.h"
 #include "nlsr/extrapolate.h"
+#include "nlsr/finite.h"
 #include "nlsr/lora_masked_cosine.h"
 #include "nlsr/masked_delta_cosine.h"
 #include "nlsr/masked_restore.h"
+#include "nlsr/masked_values.h"
 #include "nlsr/matrix_topk_mask.h"
 #include "nlsr/parallel.h"
+#include "nlsr/random_row_mask.h"
 #include "nlsr/row_topk_mask.h"
 
 namespace py = pybind11;
@@ -106,4 +109,41 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("bits"), py::arg("x"), py::arg("x_dtype"), py::arg("rows"), py::arg("cols"), py::arg("k"),
       py::call_guard<py::gil_scoped_release>(), "PackedMask bits of the k largest |x| of the whole matrix.");
+
+  m.def(
+      "random_row_mask",
+      [](ptr bits, int64_t rows, int64_t cols, int64_t k, uint32_t stream) {
+        nlsr::random_row_mask(as<uint8_t>(bits), rows, cols, k, stream);
+      },
+      py::arg("bits"), py::arg("rows"), py::arg("cols"), py::arg("k"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>(),
+      "PackedMask bits of a uniformly random k-subset of each row, counter-based (Floyd's algorithm) from stream.");
+
+  m.def(
+      "masked_gather",
+      [](ptr values, ptr src, int64_t elem_bytes, ptr mask, int64_t rows, int64_t cols) {
+        nlsr::masked_gather(as<void>(values), as<const void>(src), elem_bytes, as<const uint8_t>(mask), rows, cols);
+      },
+      py::arg("values"), py::arg("src"), py::arg("elem_bytes"), py::arg("mask"), py::arg("rows"), py::arg("cols"),
+      py::call_guard<py::gil_scoped_release>(), "values = the entries of src under the mask, row-major (raw bits).");
+
+  m.def(
+      "masked_scatter",
+      [](ptr dst, ptr values, int64_t elem_bytes, ptr mask, int64_t rows, int64_t cols) -> int64_t {
+        return nlsr::masked_scatter(as<void>(dst), as<const void>(values), elem_bytes, as<const uint8_t>(mask), rows,
+                                    cols);
+      },
+      py::arg("dst"), py::arg("values"), py::arg("elem_bytes"), py::arg("mask"), py::arg("rows"), py::arg("cols"),
+      py::call_guard<py::gil_scoped_release>(),
+      "dst's entries under the mask take values (row-major, raw bits); returns how many changed bits.");
+
+  m.def(
+      "popcount", [](ptr bytes, int64_t n) { return nlsr::popcount(as<const uint8_t>(bytes), n); }, py::arg("bytes"),
+      py::arg("n"), py::call_guard<py::gil_scoped_release>(), "Set bits in n bytes.");
+
+  m.def(
+      "count_nonfinite",
+      [](ptr x, int64_t n, int x_dtype) { return nlsr::count_nonfinite(as<const void>(x), dt(x_dtype), n); },
+      py::arg("x"), py::arg("n"), py::arg("x_dtype"), py::call_guard<py::gil_scoped_release>(),
+      "Number of NaN / Inf entries of n contiguous fp32 / fp16 / bf16 elements.");
 }

@@ -58,3 +58,18 @@ def row_topk_mask(
 
 def matrix_topk_mask(bits: int, x: int, x_dtype: int, rows: int, cols: int, k: int) -> None:
     """PackedMask bits of the k largest |x| of the whole matrix (ties: lowest flat index first)."""
+
+def random_row_mask(bits: int, rows: int, cols: int, k: int, stream: int) -> None:
+    """PackedMask bits of a uniformly random k-subset of each row (Floyd's algorithm keyed by stream and row)."""
+
+def masked_gather(values: int, src: int, elem_bytes: int, mask: int, rows: int, cols: int) -> None:
+    """values = the entries of src under the mask, row-major (raw bits)."""
+
+def masked_scatter(dst: int, values: int, elem_bytes: int, mask: int, rows: int, cols: int) -> int:
+    """dst's entries under the mask take values (row-major, raw bits); returns how many changed bits."""
+
+def popcount(bytes: int, n: int) -> int:
+    """Set bits in n bytes."""
+
+def count_nonfinite(x: int, n: int, x_dtype: int) -> int:
+    """Number of NaN / Inf entries of n contiguous fp32 / fp16 / bf16 elements."""

@@ -162,46 +162,58 @@ NLSR_AVX512 void pack_cols_avx512(float* P, int64_t mp, const typename D::T* B, 
 }
 
 
+// Columns of K per chunk of the Gram: chunks are fixed (not one per thread), each sums into its own fp64 partial,
+// and the partials are added in chunk order, so the result does not depend on the thread count (parallel.h).
+// 2048 = 8 blocks of kKb: 14 chunks (7 MB of partials at m = 256) for a 70B MLP's K = 28672.
+constexpr int64_t kGramChunk = 8 * kKb;
+
+// Adds into g (mp x mp, fp64) the Gram of X's columns [lo, hi), block by block through the scratch P.
+template <class Pack>
+void gram_range(double* g, float* P, int64_t mp, int64_t lo, int64_t hi, Isa isa, const Pack& pack) {
+  for (int64_t k0 = lo; k0 < hi; k0 += kKb) {
+    const int64_t kb = std::min(kKb, hi - k0);
+    std::memset(P, 0, static_cast<size_t>(kb * mp) * sizeof(float));
+    pack(P, k0, kb, isa);
+    for (int64_t q0 = 0; q0 < mp; q0 += kTileQ) {
+      // Tiles whose rows reach the upper triangle of this column block: p0 < q0 + kTileQ.
+      for (int64_t p0 = 0; p0 < q0 + kTileQ && p0 < mp; p0 += kTileP) {
+        if (isa == Isa::kAvx512) tile_avx512(P, mp, kb, p0, q0, g);
+        else if (isa == Isa::kAvx2) tile_avx2(P, mp, kb, p0, q0, g);
+        else tile_portable(P, mp, kb, p0, q0, g);
+      }
+    }
+  }
+}
+
 // G (mp x mp, fp64, zeroed) = X X^T over K columns; `pack` fills a zeroed block.
 template <class Pack>
 void gram(double* G, int64_t m, int64_t mp, int64_t K, const Pack& pack) {
   const Isa isa = best_isa();
-  const int nthreads = threads_for(m * K);
-  std::vector<std::vector<double>> partial(static_cast<size_t>(nthreads));
+  const int64_t chunks = (K + kGramChunk - 1) / kGramChunk;
+  // Chunk 0 sums straight into G; chunk c > 0 into partial[c - 1], added to G in chunk order below. The partials
+  // stay allocated per calling thread (7 MB for Llama-3-70B shapes): fresh pages for every call cost
+  // about a sixth of the op in page faults.
+  thread_local std::vector<double> partial;
+  const size_t need = static_cast<size_t>(std::max<int64_t>(chunks - 1, 0) * mp * mp);
+  if (partial.size() < need) partial.resize(need);
+  double* partials = partial.data();
+  const int nthreads = static_cast<int>(std::min<int64_t>(threads_for(m * K), chunks));
 #pragma omp parallel num_threads(nthreads)
   {
-#ifdef _OPENMP
-    const int th = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-    const int th = 0, nt = 1;
-#endif
-    // Each thread takes a contiguous range of K (multiple of 64 wide: whole mask bytes) into its own fp64 Gram.
-    int64_t lo, hi;
-    part_bounds(K, nt, th, 64, &lo, &hi);
-    double* g = G;
-    if (th != 0) {
-      partial[static_cast<size_t>(th)].assign(static_cast<size_t>(mp * mp), 0.0);
-      g = partial[static_cast<size_t>(th)].data();
-    }
     AlignedFloats P(static_cast<size_t>(kKb * mp));
-    for (int64_t k0 = lo; k0 < hi; k0 += kKb) {
-      const int64_t kb = std::min(kKb, hi - k0);
-      std::memset(P.p, 0, static_cast<size_t>(kb * mp) * sizeof(float));
-      pack(P.p, k0, kb, isa);
-      for (int64_t q0 = 0; q0 < mp; q0 += kTileQ) {
-        // Tiles whose rows reach the upper triangle of this column block: p0 < q0 + kTileQ.
-        for (int64_t p0 = 0; p0 < q0 + kTileQ && p0 < mp; p0 += kTileP) {
-          if (isa == Isa::kAvx512) tile_avx512(P.p, mp, kb, p0, q0, g);
-          else if (isa == Isa::kAvx2) tile_avx2(P.p, mp, kb, p0, q0, g);
-          else tile_portable(P.p, mp, kb, p0, q0, g);
-        }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < chunks; ++c) {
+      double* g = G;
+      if (c > 0) {
+        g = partials + (c - 1) * mp * mp;
+        std::fill(g, g + mp * mp, 0.0);
       }
+      gram_range(g, P.p, mp, c * kGramChunk, std::min(K, (c + 1) * kGramChunk), isa, pack);
     }
   }
-  for (int th = 1; th < nthreads; ++th) {
-    const std::vector<double>& part = partial[static_cast<size_t>(th)];
-    if (part.empty()) continue;
-    for (int64_t i = 0; i < mp * mp; ++i) G[i] += part[static_cast<size_t>(i)];
+  for (int64_t c = 1; c < chunks; ++c) {
+    const double* part = partials + (c - 1) * mp * mp;
+    for (int64_t i = 0; i < mp * mp; ++i) G[i] += part[i];
   }
   // Mirror: entries below the computed tiles (p >= tile start of q + kTileQ) take G[q][p].
   for (int64_t p = 0; p < m; ++p) {

@@ -252,13 +252,8 @@ void run(uint8_t* bits, const void* xv, int64_t rows, int64_t cols, int64_t k) {
 }  // namespace
 
 void matrix_topk_mask(uint8_t* bits, const void* x, DType x_dtype, int64_t rows, int64_t cols, int64_t k) {
-  const int64_t row_bytes = (cols + 7) / 8;
   if (k <= 0 || k >= rows * cols) {
-    if (k <= 0) {
-      std::memset(bits, 0, static_cast<size_t>(rows * row_bytes));
-    } else {
-      for (int64_t i = 0; i < rows; ++i) fill_all_kept(bits + i * row_bytes, cols);
-    }
+    fill_trivial(bits, rows, cols, k > 0);
     return;
   }
   dispatch_dtype(x_dtype, [&](auto d) { run<decltype(d)>(bits, x, rows, cols, k); });

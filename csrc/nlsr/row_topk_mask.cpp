@@ -241,14 +241,8 @@ void run(uint8_t* bits, const void* weight, const float* cs, const void* grad, i
 
 void row_topk_mask(uint8_t* bits, const void* weight, DType weight_dtype, const float* col_scale, const void* grad,
                    DType grad_dtype, int64_t rows, int64_t cols, int64_t k) {
-  const int64_t row_bytes = (cols + 7) / 8;
-  if (k <= 0 || k >= cols) {
-    // Nothing to select: every row keeps nothing or everything.
-    if (k <= 0) {
-      std::memset(bits, 0, static_cast<size_t>(rows * row_bytes));
-    } else {
-      for (int64_t i = 0; i < rows; ++i) fill_all_kept(bits + i * row_bytes, cols);
-    }
+  if (k <= 0 || k >= cols) {  // nothing to select: every row keeps nothing or everything
+    fill_trivial(bits, rows, cols, k > 0);
     return;
   }
   dispatch_dtype(weight_dtype, [&](auto wd) {

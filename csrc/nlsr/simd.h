@@ -22,6 +22,11 @@ constexpr int64_t kStreamBytes = int64_t{16} << 20;
 
 // Reads `nbytes` (<= 8) mask bytes as a little-endian integer without touching bytes past them.
 inline uint64_t load_bits(const uint8_t* p, int64_t nbytes) {
+  if (nbytes == 8) {
+    uint64_t v;
+    std::memcpy(&v, p, 8);
+    return v;
+  }
   if (nbytes == 2) {
     uint16_t v;
     std::memcpy(&v, p, 2);

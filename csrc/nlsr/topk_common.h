@@ -62,4 +62,14 @@ inline void fill_all_kept(uint8_t* row, int64_t cols) {
   if (cols % 8) row[cols / 8] = static_cast<uint8_t>((1u << (cols % 8)) - 1u);
 }
 
+// A mask that keeps nothing (keep_all false) or everything: the answer when there is nothing to rank or draw.
+inline void fill_trivial(uint8_t* bits, int64_t rows, int64_t cols, bool keep_all) {
+  const int64_t row_bytes = (cols + 7) / 8;
+  if (!keep_all) {
+    std::memset(bits, 0, static_cast<size_t>(rows * row_bytes));
+    return;
+  }
+  for (int64_t i = 0; i < rows; ++i) fill_all_kept(bits + i * row_bytes, cols);
+}
+
 }  // namespace nlsr

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from nlsr_fast import ops
-from nlsr_fast.bench.cases import STREAMING_OPS, TORCH_DENSE, Case, check, make_case
+from nlsr_fast.bench.cases import RANDN_TOPK, STREAMING_OPS, TORCH_DENSE, Case, backends_on, check, make_case
 from nlsr_fast.bench.timing import copy_bandwidth, median_seconds
 
 __all__ = ["SUITES", "OpsConfig", "Row", "Suite", "format_table", "main", "parse_shape", "run_ops"]
@@ -30,11 +30,18 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 # Defaults: a Llama-3-70B square projection for the matrix ops; the r = 128 LoRA of a 70B down_proj
-# (A: 128 x 28672, B: 8192 x 128) for lora_masked_cosine.
+# (A: 128 x 28672, B: 8192 x 128) for lora_masked_cosine; the r = 128 LoRA factors of a 70B gate_proj
+# (A: 128 x 8192, B: 28672 x 128) for random_row_mask, which masks LoRA factors.
 DEFAULT_MATRIX = (8192, 8192)
 DEFAULT_LORA = (128, 8192, 28672)
+DEFAULT_FACTORS = ((128, 8192), (28672, 128))
 QUICK_MATRIX = (512, 1024)
 QUICK_LORA = (16, 512, 1024)
+QUICK_FACTORS = ((16, 1024), (1024, 16))
+# Ops whose timed baseline is another provider than `reference`.
+BASELINES = {"lora_masked_cosine": TORCH_DENSE, "random_row_mask": RANDN_TOPK}
+# Ops that take the LoRA factor shapes (2-D, like the matrix ops, but other defaults).
+FACTOR_OPS = ("random_row_mask",)
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,7 @@ class OpsConfig:
     ops: tuple[str, ...] = tuple(ops.OPS)
     matrix_shapes: tuple[tuple[int, ...], ...] = (DEFAULT_MATRIX,)
     lora_shapes: tuple[tuple[int, int, int], ...] = (DEFAULT_LORA,)
+    factor_shapes: tuple[tuple[int, int], ...] = DEFAULT_FACTORS
     dtype: torch.dtype = torch.bfloat16
     device: torch.device = field(default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     quick: bool = False
@@ -57,6 +65,9 @@ class OpsConfig:
         for mat in self.matrix_shapes:
             if len(mat) not in (1, 2):
                 raise ValueError(f"a matrix shape is (d_out, d_in), got {mat}")
+        for factor in self.factor_shapes:
+            if len(factor) != 2:
+                raise ValueError(f"a LoRA factor shape is (rows, cols), got {factor}")
 
     def timing(self) -> dict[str, Any]:
         if self.quick:
@@ -97,14 +108,14 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def _providers(op: str, device: torch.device) -> list[str]:
-    names = [b.value for b in reversed(ops.available(op, device))]  # reference first
-    if op == "lora_masked_cosine":
-        names.insert(0, TORCH_DENSE)
+    names = backends_on(op, device)
+    if op in BASELINES:
+        names.insert(0, BASELINES[op])
     return names
 
 
 def _bench_case(case: Case, cfg: OpsConfig, copy_gbps: float) -> list[Row]:
-    shape, dtype = _shape_str(case.shape), DTYPE_NAMES.get(case.dtype, str(case.dtype))
+    shape, dtype = _shape_str(case.shape), DTYPE_NAMES.get(case.dtype, str(case.dtype).replace("torch.", ""))
     ref = case.run_fresh("reference")
     rows: list[Row] = []
     for provider in _providers(case.op, cfg.device):
@@ -122,7 +133,7 @@ def _bench_case(case: Case, cfg: OpsConfig, copy_gbps: float) -> list[Row]:
         gbps = case.bytes / seconds / 1e9
         pct = 100 * gbps / copy_gbps if case.op in STREAMING_OPS and copy_gbps > 0 else None
         rows.append(Row(case.op, shape, dtype, provider, 1e3 * seconds, gbps, None, pct, "ok", case.bytes, case.flops))
-    baseline = TORCH_DENSE if case.op == "lora_masked_cosine" else "reference"
+    baseline = BASELINES.get(case.op, "reference")
     base = next((r for r in rows if r.backend == baseline and r.median_ms), None)
     for r in rows:
         if base is not None and r.median_ms:
@@ -140,7 +151,11 @@ def run_ops(cfg: OpsConfig) -> tuple[list[Row], Row]:
     LOG.info("copy bandwidth %.1f GB/s on %s", copy_gbps, cfg.device)
     rows: list[Row] = []
     for op in cfg.ops:
-        shapes = cfg.lora_shapes if op == "lora_masked_cosine" else cfg.matrix_shapes
+        shapes: tuple[tuple[int, ...], ...] = cfg.matrix_shapes
+        if op == "lora_masked_cosine":
+            shapes = cfg.lora_shapes
+        elif op in FACTOR_OPS:
+            shapes = cfg.factor_shapes
         for shape in shapes:
             case = make_case(op, tuple(shape), cfg.dtype, cfg.device)
             rows.extend(_bench_case(case, cfg, copy_gbps))
@@ -203,8 +218,8 @@ def _ops_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         type=parse_shape,
         metavar="SHAPE",
-        help="d_outxd_in for the matrix ops and rxd_outxd_in for lora_masked_cosine "
-        "(default: 8192x8192 and 128x8192x28672)",
+        help="d_outxd_in for the matrix ops and random_row_mask, rxd_outxd_in for lora_masked_cosine "
+        "(default: 8192x8192, 128x8192x28672, and 128x8192 28672x128 for random_row_mask)",
     )
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
@@ -215,8 +230,11 @@ def _ops_run(args: argparse.Namespace) -> int:
     shapes = args.shapes or []
     matrix = tuple(s for s in shapes if len(s) == 2) or ((QUICK_MATRIX,) if args.quick else (DEFAULT_MATRIX,))
     lora = tuple(s for s in shapes if len(s) == 3) or ((QUICK_LORA,) if args.quick else (DEFAULT_LORA,))
+    factors = tuple(s for s in shapes if len(s) == 2) or (QUICK_FACTORS if args.quick else DEFAULT_FACTORS)
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = OpsConfig(tuple(args.ops), matrix, lora, DTYPES[args.dtype], device, args.quick)  # type: ignore[arg-type]
+    cfg = OpsConfig(
+        tuple(args.ops), matrix, lora, factors, DTYPES[args.dtype], device, args.quick  # type: ignore[arg-type]
+    )
     rows, copy_row = run_ops(cfg)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(

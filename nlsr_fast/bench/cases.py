@@ -13,14 +13,17 @@ import torch
 
 from nlsr_fast import ops
 from nlsr_fast.ops.masked_delta_cosine import cosine_from_sums
+from nlsr_fast.ops.masked_values import changed_bits
 from nlsr_fast.ops.packed_mask import PackedMask
 from nlsr_fast.ops.row_topk_mask import row_scores_reference
 
 __all__ = [
     "MASK_OPS",
+    "RANDN_TOPK",
     "STREAMING_OPS",
     "TORCH_DENSE",
     "Case",
+    "backends_on",
     "check",
     "lora_cosine_torch_dense",
     "make_case",
@@ -32,6 +35,16 @@ STREAMING_OPS = ("masked_delta_cosine", "masked_restore", "extrapolate")
 MASK_OPS = ("row_topk_mask", "matrix_topk_mask")
 # The baseline provider of lora_masked_cosine: both dense d_out x d_in products formed with torch.
 TORCH_DENSE = "torch dense"
+# The baseline provider of random_row_mask: what `--method random` did before it, i.i.d. normal scores drawn with
+# torch.randn from one CPU generator, moved to the device and ranked with row_topk_mask.
+RANDN_TOPK = "randn+topk"
+
+def backends_on(op: str, device: torch.device) -> list[str]:
+    """The registered backends of `op` usable for `device`, reference first; a host op's host backends
+    (ops.HOST_OPS: it runs on the host whatever the device and moves its result there)."""
+    where = torch.device("cpu") if op in ops.HOST_OPS else device
+    return [b.value for b in reversed(ops.available(op, where))]
+
 
 KEEP = 0.2  # the paper's s = 0.8
 MASK_DENSITY = 0.2
@@ -90,7 +103,8 @@ def lora_cosine_torch_dense(
 
 
 def make_case(op: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, seed: int = 0) -> Case:
-    """Inputs for `op`: shape (d_out, d_in) for every op but lora_masked_cosine, which takes (r, d_out, d_in)."""
+    """Inputs for `op`: shape (d_out, d_in) for every op but lora_masked_cosine, which takes (r, d_out, d_in);
+    random_row_mask has no input and ignores `dtype` (its Case says torch.bool)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     es = torch.empty((), dtype=dtype).element_size()
 
@@ -136,6 +150,20 @@ def make_case(op: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
             n * es + 4 * shape[1] + _mask_bytes(shape),
             extra={"inputs": (w, col_scale)},
         )
+    if op == "random_row_mask":
+        if len(shape) != 2:
+            raise ValueError(f"random_row_mask takes a shape (rows, cols), got {shape}")
+        rows, cols = shape
+        stream = ops.random_stream(seed, "bench")
+
+        def random_mask(backend: str) -> PackedMask:
+            if backend == RANDN_TOPK:
+                g = torch.Generator("cpu").manual_seed(seed)
+                return ops.row_topk_mask(torch.randn((rows, cols), generator=g).to(device), KEEP)
+            return ops.random_row_mask((rows, cols), KEEP, stream, device=device, backend=backend)
+
+        # No input: the minimal traffic is the mask written (the baseline also writes and reads 4 bytes per entry).
+        return Case(op, shape, torch.bool, random_mask, _mask_bytes(shape))
     if op == "matrix_topk_mask":
         x = randn(*shape)
         return Case(
@@ -185,6 +213,16 @@ def make_case(op: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
             flops=3 * n,
             extra={"out": out},
         )
+    if op in ("masked_gather", "masked_scatter"):
+        target, source = randn(*shape), randn(*shape)
+        mask = _random_mask(shape, device, gen)
+        values = ops.masked_gather_reference(source, mask)
+        if op == "masked_gather":  # traffic: the source once, the mask, the values written
+            return Case(op, shape, dtype, lambda b: ops.masked_gather(source, mask, backend=b),
+                        n * es + _mask_bytes(shape) + values.numel() * es)
+        # the target read, the copy written, the values read
+        return Case(op, shape, dtype, lambda b: ops.masked_scatter(target, mask, values, backend=b),
+                    2 * n * es + _mask_bytes(shape) + values.numel() * es)
     raise ValueError(f"unknown op {op!r}; choose from {list(ops.OPS)}")
 
 
@@ -221,20 +259,37 @@ def _check_topk(case: Case, got: PackedMask, ref: PackedMask) -> str | None:
     return None
 
 
+def _check_random(got: PackedMask, ref: PackedMask, backend: str) -> str | None:
+    """Every backend gives the reference's bits; the randn+topk baseline draws another sample, so only its
+    per-row counts can agree."""
+    if not isinstance(got, PackedMask) or tuple(got.shape) != tuple(ref.shape):
+        return f"expected a PackedMask of shape {tuple(ref.shape)}, got {got!r}"
+    if backend == RANDN_TOPK:
+        return None if torch.equal(got.row_counts(), ref.row_counts()) else "per-row counts differ from the reference"
+    if not got.equal(ref):
+        return f"{int((got.to_bool() != ref.to_bool().to(got.device)).sum())} entries differ from the reference"
+    return None
+
+
 def check(case: Case, got: Any, ref: Any, *, backend: str = "") -> str | None:
     """None when `got` (from `backend`) agrees with the reference result `ref`, else what is wrong."""
     if case.op in MASK_OPS:
         return _check_topk(case, got, ref)
+    if case.op == "random_row_mask":
+        return _check_random(got, ref, backend)
     if case.op in ("masked_delta_cosine", "lora_masked_cosine"):
         tol = 5e-2 if backend == TORCH_DENSE else 1e-4
         if not isinstance(got, float) or not abs(got - ref) <= tol:
             return f"cosine {got!r} vs reference {ref!r} (tolerance {tol})"
         return None
+    if case.op == "masked_scatter":
+        (got, got_changed), (ref, ref_changed) = got, ref
+        if got_changed != ref_changed:
+            return f"changed count {got_changed} vs reference {ref_changed}"
     if got.shape != ref.shape or got.dtype != ref.dtype:
         return f"{got.dtype} {tuple(got.shape)} vs reference {ref.dtype} {tuple(ref.shape)}"
-    if case.op == "masked_restore":
-        view = {2: torch.int16, 4: torch.int32}[got.element_size()]
-        n_bad = int((got.view(view) != ref.view(view)).sum())
+    if case.op in ("masked_restore", "masked_gather", "masked_scatter"):
+        n_bad = changed_bits(got, ref)
         return f"{n_bad} elements differ bitwise" if n_bad else None
     atol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}[got.dtype]
     bad = ~((got.float() - ref.float()).abs() <= atol + atol * ref.float().abs())

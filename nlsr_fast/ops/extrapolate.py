@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from nlsr_fast.ops._cpu import contiguous_out
 from nlsr_fast.ops._registry import Backend, register, select
 from nlsr_fast.ops._validate import check_matrix, check_same
 
@@ -24,7 +25,7 @@ def extrapolate_reference(aligned: torch.Tensor, base: torch.Tensor, alpha: floa
 
 @register(OP, Backend.CPU)
 def _extrapolate_cpu(aligned: torch.Tensor, base: torch.Tensor, alpha: float, out: torch.Tensor) -> torch.Tensor:
-    from nlsr_fast.ops._cpu import contiguous_out, dtype_code
+    from nlsr_fast.ops._cpu import dtype_code
     from nlsr_fast.ops._registry import require_cpp
 
     C = require_cpp()
@@ -46,7 +47,7 @@ def _extrapolate_cpu(aligned: torch.Tensor, base: torch.Tensor, alpha: float, ou
 def _extrapolate_triton(aligned: torch.Tensor, base: torch.Tensor, alpha: float, out: torch.Tensor) -> torch.Tensor:
     from nlsr_fast.kernels.extrapolate import extrapolate_triton  # lazy: triton is optional
 
-    dst = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+    dst = contiguous_out(out)
     extrapolate_triton(aligned.contiguous(), base.contiguous(), alpha, dst)
     if dst is not out:
         out.copy_(dst)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from nlsr_fast.ops._cpu import contiguous_out
 from nlsr_fast.ops._registry import Backend, register, select
 from nlsr_fast.ops._validate import check_mask, check_matrix, check_same
 from nlsr_fast.ops.packed_mask import PackedMask
@@ -27,7 +28,7 @@ def masked_restore_reference(
 def _masked_restore_cpu(
     target: torch.Tensor, source: torch.Tensor, mask: PackedMask, out: torch.Tensor
 ) -> torch.Tensor:
-    from nlsr_fast.ops._cpu import contiguous_out, dtype_code, mask_dims
+    from nlsr_fast.ops._cpu import dtype_code, mask_dims
     from nlsr_fast.ops._registry import require_cpp
 
     C = require_cpp()
@@ -51,7 +52,7 @@ def _masked_restore_triton(
 ) -> torch.Tensor:
     from nlsr_fast.kernels.masked_restore import masked_restore_triton  # lazy: triton is optional
 
-    dst = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+    dst = contiguous_out(out)
     masked_restore_triton(target.contiguous(), source.contiguous(), mask.bits, dst)
     if dst is not out:
         out.copy_(dst)

@@ -172,3 +172,25 @@ def test_lora_masked_cosine_rejects_devices_dtypes_ndims():
         lora_masked_cosine(a_t, b_t, a_e, b_e.long(), ma, mb)
     with pytest.raises(ValueError, match="a_t.*" + re.escape("(52,)")):
         lora_masked_cosine(a_t.reshape(-1), b_t, a_e, b_e, ma, mb)
+
+
+def test_lora_masked_cosine_cpu_does_not_depend_on_the_thread_count():
+    """The Grams are cut into fixed chunks of K whose fp64 partials are added in chunk order, so 1, 2 and 5 OpenMP
+    threads give the same bits (torch and nlsr_fast._C share libgomp: torch.set_num_threads sets both). Each case has
+    m * K well over the kernel's parallel threshold and K over several chunks."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("the C++ extension is not built")
+    gen = torch.Generator().manual_seed(7)
+    cases = []
+    for r, d_out, d_in in ((64, 4099, 3001), (128, 2048, 5120), (16, 9000, 1500)):
+        factors = tuple(torch.randn(shape, generator=gen) for shape in ((r, d_in), (d_out, r), (r, d_in), (d_out, r)))
+        cases.append((factors, random_mask((r, d_in), 0.3, generator=gen), random_mask((d_out, r), 0.3, generator=gen)))
+    before = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2, 5):
+            torch.set_num_threads(threads)
+            runs.append([lora_masked_cosine(*f, ma, mb, backend="cpu") for f, ma, mb in cases])
+    finally:
+        torch.set_num_threads(before)
+    assert runs[1] == runs[0] and runs[2] == runs[0], runs

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import nlsr_fast.ops as ops
-from nlsr_fast.ops import OPS, Backend, PackedMask, available, select
+from nlsr_fast.ops import HOST_OPS, OPS, Backend, PackedMask, available, select
 from nlsr_fast.ops import _registry as registry
 
 CPU = torch.device("cpu")
@@ -32,6 +32,12 @@ def _call(op: str, backend: str | None):
         return ops.masked_restore(x, y, PackedMask.ones((3, 8)), backend=backend)
     if op == "extrapolate":
         return ops.extrapolate(x, y, 0.9, backend=backend)
+    if op == "masked_gather":
+        return ops.masked_gather(x, PackedMask.ones((3, 8)), backend=backend)
+    if op == "masked_scatter":
+        return ops.masked_scatter(x, PackedMask.ones((3, 8)), y.reshape(-1), backend=backend)
+    if op == "random_row_mask":
+        return ops.random_row_mask((3, 8), 0.5, 7, backend=backend)
     raise AssertionError(op)
 
 
@@ -190,3 +196,17 @@ def test_every_op_registers_a_reference():
     assert set(OPS) <= set(registry._TABLE)
     for op in OPS:
         assert registry._TABLE[op][Backend.REFERENCE] is REFERENCES[op]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_every_op_has_a_triton_backend_unless_declared_host_only(op):
+    """Three backends per op; an op without a Triton kernel is declared in HOST_OPS with its reason."""
+    impls = registry._TABLE[op]
+    assert Backend.REFERENCE in impls and Backend.CPU in impls
+    assert (Backend.TRITON in impls) == (op not in HOST_OPS), f"{op}: triton registered = {Backend.TRITON in impls}"
+
+
+def test_host_ops_are_ops_with_a_reason():
+    assert set(HOST_OPS) <= set(OPS)
+    assert all(isinstance(why, str) and len(why) > 20 for why in HOST_OPS.values())
+
