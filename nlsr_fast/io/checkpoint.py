@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from nlsr_fast.io._format import TensorInfo, read_header
+from nlsr_fast.io.stream import read_tensor
 
 __all__ = ["CheckpointReader", "SAFE_INDEX", "SAFE_SINGLE", "resolve_inside"]
 
@@ -59,17 +60,24 @@ class CheckpointReader:
 
     At most one shard is open (memory-mapped through `safe_open`) at a time; reading a tensor of another shard
     closes the previous one. Tensors returned by `get` are zero-copy, copy-on-write views of the mapping: a
-    caller that keeps them keeps that shard's mapping alive, nothing more.
+    caller that keeps them keeps that shard's mapping alive, nothing more. A `streamed` reader (a realign run's
+    inputs) reads each tensor with `pread` into private memory instead (io.stream.read_tensor): no shard stays
+    mapped, and a file being hashed for the report is hashed from that read, so the calibration engine's reads of
+    the base are its only read.
 
     Args:
         folder: a folder holding `model.safetensors.index.json` + shards, a single `model.safetensors`, or
             exactly one `*.safetensors` file.
         allow_pickle: read a `pytorch_model.bin` checkpoint (with `torch.load(weights_only=True)`) when the
             folder has no safetensors. Off by default: pickles can run code.
+        streamed: `get` reads into private memory (do not write into its tensors in place: the input hasher may
+            still hold them).
     """
 
-    def __init__(self, folder: str | os.PathLike[str], *, allow_pickle: bool = False) -> None:
+    def __init__(self, folder: str | os.PathLike[str], *, allow_pickle: bool = False, streamed: bool = False
+                 ) -> None:
         self.folder: Path = Path(folder)
+        self.streamed = streamed
         if not self.folder.is_dir():
             raise ValueError(f"checkpoint folder {self.folder} does not exist or is not a folder")
         cfg = self.folder / "config.json"
@@ -216,6 +224,8 @@ class CheckpointReader:
             if self._is_pickle:
                 assert self._pickle is not None
                 t = self._pickle[key]
+            elif self.streamed:
+                t = read_tensor(info)
             else:
                 if self._open_path != info.file:
                     self._close_locked()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -41,8 +42,12 @@ def _files(folder: Path) -> list[str]:
     return sorted(out)
 
 
-def build_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """The manifest of `folder` as a dict: {"format", "nlsr_fast", "files": [{"path", "size", "sha256"}]}."""
+def build_manifest(folder: str | os.PathLike[str], known: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The manifest of `folder` as a dict: {"format", "nlsr_fast", "files": [{"path", "size", "sha256"}]}.
+
+    `known`: {relative path: sha256} of files hashed as they were written (io.stream.PlannedSafetensors.digest);
+    they are not read again. Every other file is hashed here.
+    """
     import nlsr_fast
 
     root = Path(folder)
@@ -53,19 +58,20 @@ def build_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
     # Files are hashed in parallel (hashlib releases the GIL on large blocks): a dense output has many shards.
     workers = max(1, min(8, len(rels), os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        digests = list(pool.map(lambda rel: sha256_file(root / rel), rels))
+        digests = list(pool.map(lambda rel: (known or {}).get(rel) or sha256_file(root / rel), rels))
     files = [{"path": rel, "size": (root / rel).stat().st_size, "sha256": digest}
              for rel, digest in zip(rels, digests, strict=True)]
     return {"format": MANIFEST_FORMAT, "nlsr_fast": nlsr_fast.__version__, "files": files}
 
 
-def write_manifest(folder: str | os.PathLike[str]) -> Path:
+def write_manifest(folder: str | os.PathLike[str], known: Mapping[str, str] | None = None) -> Path:
     """Write `folder/manifest.json` (the sha256 and size of every other file, sorted, JSON with sorted keys).
 
-    Write it last: any file written after it is reported by `check_manifest` as not listed.
+    Write it last: any file written after it is reported by `check_manifest` as not listed. `known` as in
+    `build_manifest`.
     """
     root = Path(folder)
-    text = json.dumps(build_manifest(root), indent=1, sort_keys=True) + "\n"
+    text = json.dumps(build_manifest(root, known), indent=1, sort_keys=True) + "\n"
     path = root / MANIFEST_FILE
     with path.open("w", encoding="utf-8") as f:
         f.write(text)

@@ -147,6 +147,7 @@ def atomic_output(
     force: bool = False,
     manifest: bool = True,
     resumable: Callable[[Path], bool] | None = None,
+    known_digests: Mapping[str, str] | None = None,
 ) -> Iterator[Path]:
     """Yield a fresh `<out>.partial` folder to write into; on success write the manifest, fsync, rename to `out`.
 
@@ -161,6 +162,8 @@ def atomic_output(
         force: with `overwrite`, replace `out` even when it is not an nlsr_fast output (no manifest).
         manifest: write `manifest.json` (sha256 of every file) last, just before the rename.
         resumable: a leftover `<out>.partial` for which this is true is yielded as it is, to be resumed.
+        known_digests: {relative path: sha256} of files the caller hashed as it wrote them, filled in by the time
+            the block ends (the manifest does not read them again).
 
     Yields:
         Path(f"{out}.partial"), an empty folder.
@@ -184,7 +187,7 @@ def atomic_output(
         try:
             yield partial
             if manifest:
-                write_manifest(partial)
+                write_manifest(partial, known_digests)
             fsync_tree(partial)
             if out.exists() or out.is_symlink():
                 if not overwrite:

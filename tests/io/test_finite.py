@@ -46,3 +46,25 @@ def test_policy_refuses_or_records_once() -> None:
     allow.check(x, file="f.safetensors", tensor="w")  # read again in pass 2: reported once
     assert allow.found == [{"file": "f.safetensors", "tensor": "w", "count": 1, "first_index": [1, 2],
                             "first_value": "inf"}]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_fast_check_agrees_with_torch_isfinite(dtype: torch.dtype, layout: str) -> None:
+    """The C++ exponent-bit check (contiguous CPU tensors) and the torch fallback (the transposed view) give the same
+    answer as torch.isfinite on every special value, including the largest finite ones and subnormals."""
+    from nlsr_fast.io.finite import first_nonfinite
+
+    info = torch.finfo(dtype)
+    specials = [info.max, -info.max, info.tiny, info.tiny / 4, -0.0, float("nan"), float("inf"), float("-inf")]
+    for value in specials:
+        t = torch.randn(37, 53).to(dtype)
+        t[11, 7] = value
+        t[30, 2] = value
+        t = t if layout == "contiguous" else t.t()
+        bad = ~torch.isfinite(t.reshape(-1))
+        got = first_nonfinite(t)
+        if not bool(bad.any()):
+            assert got is None, value
+        else:
+            assert got is not None and got[0] == int(bad.nonzero()[0, 0]) and got[2] == int(bad.sum()), value
