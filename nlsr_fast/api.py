@@ -147,7 +147,7 @@ def _open_model(role: str, path: Path, base: Any, nonfinite: NonFinite) -> Any:
     if _is_adapter(path):
         return LoraAdapter.load(path)
     try:
-        return CheckpointReader(path)
+        return CheckpointReader(path, streamed=True)
     except ValueError as exc:
         raise ValueError(f"{role} {path} is neither a PEFT adapter (no adapter_config.json) nor a checkpoint: "
                          f"{exc}") from None
@@ -186,7 +186,7 @@ def _open_inputs(config: RealignConfig, base_p: Path, aligned_p: Path, ft_p: Pat
 
     if not base_p.is_dir():
         raise ValueError(f"base {base_p} does not exist or is not a folder")
-    base = CheckpointReader(base_p)
+    base = CheckpointReader(base_p, streamed=True)
     ft = _open_model("fine-tuned", ft_p, base, nonfinite)
     aligned = _open_model("aligned", aligned_p, base, nonfinite)
     reference = _open_model("reference", ref_p, base, nonfinite) if ref_p is not None else None
@@ -407,20 +407,26 @@ def _run(config: RealignConfig, inputs: _Inputs, calib: Any, out_p: Path, *, ove
     ranks write their modules into it and return None)."""
     from nlsr_fast.io import atomic_output
     from nlsr_fast.io.hashing import BackgroundHasher
+    from nlsr_fast.io.stream import buffer_pool
 
     roles = ["finetuned", "aligned", "reference"] + (["base"] if inputs.mode == "dense" or calib is not None else [])
-    hasher = BackgroundHasher([p for role in [*roles, "calibration"] for p in inputs.files(role)]) if dist.root \
-        else None
+    # Hashed from the run's own reads (the executor's, and calibration's of the base: the readers are streamed).
+    hashed = [p for role in [*roles, "calibration"] for p in inputs.files(role)]
+    hasher = BackgroundHasher(hashed) if dist.root else None
     input_paths = [p for p in inputs.paths.values() if p is not None]
+    known_digests: dict[str, str] = {}  # output files hashed as they were written
     with contextlib.ExitStack() as stack:
+        if hasher is not None:
+            stack.callback(hasher.close)  # a failed run stops the hasher's workers at once
         tmp = Path(dist.on_root(lambda: str(stack.enter_context(atomic_output(
             out_p, inputs=input_paths, overwrite=overwrite, force=force,
-            resumable=lambda partial: resumable(partial, run_print))))))
+            resumable=lambda partial: resumable(partial, run_print), known_digests=known_digests)))))
         journal = Journal(tmp, run_print, rank=dist.rank, create=dist.root) if dist.root else None
         dist.barrier()
         journal = journal or Journal(tmp, run_print, rank=dist.rank, create=False)
         run = _build(config, inputs, calib, tmp, nonfinite, progress, dist, journal)
-        executed = run.execute()
+        with buffer_pool():  # each module's big buffers reuse the last one's pages
+            executed = run.execute()
         run.close()
         dist.barrier()  # every rank's modules are written and synced
         if not dist.root:
@@ -430,6 +436,7 @@ def _run(config: RealignConfig, inputs: _Inputs, calib: Any, out_p: Path, *, ove
         report = _report(config, inputs, calib, run, executed, hasher, out_p, nonfinite)
         report.counts.update({f"resumed_{kind}": n for kind, n in journal.resumed.items()})
         run.finish(report)
+        known_digests.update(run.written_digests())
         from nlsr_fast.pipeline.write import PLOT_FILE, REPORT_FILE, folder_bytes
 
         if not report.plot(Path(tmp) / PLOT_FILE):

@@ -86,7 +86,8 @@ def _add_realign(sub: Any) -> None:
                    "(modules_to_save heads): refuse (default), restore from the aligned adapter or base, or keep")
     p.add_argument("--max-shard-bytes", type=int, help="dense output: tensor bytes per shard (default 5 GiB)")
     p.add_argument("--dry-run", action="store_true", default=None, help="print the plan; write nothing")
-    p.add_argument("--quiet", action="store_true", default=None, help="no progress bars")
+    p.add_argument("--quiet", action="store_true", default=None,
+                   help="no progress bars, and only the summary, not the per-module table")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace an existing OUT (only an earlier nlsr_fast output, unless --force) and a leftover "
                    "OUT.partial")
@@ -215,7 +216,8 @@ def _realign(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = dict(paths, **switches)
     report = realign_with_config(config, args.base, args.aligned, args.finetuned, args.out, **kwargs)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the job
-        print(report.table())
+        # --quiet keeps the summary and drops the per-module rows (560 at 70B); a dry run's plan is its whole point.
+        print(report.summary() if switches["quiet"] and not report.dry_run else report.table())
     return 0
 
 

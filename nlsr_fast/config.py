@@ -161,7 +161,7 @@ class RealignConfig:
         epsilon: spread in [0, 1] of the adaptive probabilities around rho.
         tau: similarity threshold in [-1, 1], required by "threshold".
         fraction: q in [0, 1], required by "fraction".
-        seed: seed of the Bernoulli draw, the calibration sampling and the `random` scores.
+        seed: seed of the Bernoulli draw, the calibration sampling and the `random` masks.
         nsamples: calibration samples used (>= 1).
         max_response_tokens: response tokens kept per sample (>= 1).
         template: prompt format, "alpaca" or "chat" (the tokenizer's chat template).

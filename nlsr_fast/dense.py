@@ -11,7 +11,6 @@ dtypes, written through planned, size-capped shards.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -25,9 +24,10 @@ import torch
 from nlsr_fast.io import CheckpointReader, LoraAdapter
 from nlsr_fast.io.checkpoint import SAFE_INDEX, SAFE_SINGLE
 from nlsr_fast.io.finite import NonFinite
-from nlsr_fast.io.stream import PlannedSafetensors, read_tensor
-from nlsr_fast.ops import PackedMask, extrapolate, masked_delta_cosine, masked_restore, row_topk_mask
-from nlsr_fast.pipeline.restore import changed_entries
+from nlsr_fast.io.stream import PlannedSafetensors, new_buffer, read_tensor
+from nlsr_fast.ops import PackedMask, extrapolate, masked_delta_cosine, row_topk_mask
+from nlsr_fast.pipeline.restore import masked_values, put_masked_values
+from nlsr_fast.pipeline.score import random_mask
 
 __all__ = ["DEFAULT_TARGETS", "DenseInput", "DenseOutput", "DenseSpace", "dense_targets", "copy_model_files"]
 
@@ -77,19 +77,21 @@ class DenseInput:
     def shape(self, key: str) -> tuple[int, ...]:
         return self.base.shape(key) if self.adapter is not None else self.source.shape(key)  # type: ignore[union-attr]
 
-    def read(self, key: str, base_value: torch.Tensor | None = None) -> torch.Tensor:
-        """Tensor `key` of this model (merged when an adapter adapts it); `base_value` saves re-reading the base."""
+    def read(self, key: str, base_value: torch.Tensor | None = None, *, checked: bool = True) -> torch.Tensor:
+        """Tensor `key` of this model (merged when an adapter adapts it); `base_value` saves re-reading the base;
+        `checked=False` skips the non-finite check (for a second read of what was checked already)."""
+        nonfinite = self.nonfinite if checked else None
         if self.adapter is None:
-            return read_base(self.source, key, self.nonfinite)  # type: ignore[arg-type]
-        w0 = base_value if base_value is not None else read_base(self.base, key, self.nonfinite)
+            return read_base(self.source, key, nonfinite)  # type: ignore[arg-type]
+        w0 = base_value if base_value is not None else read_base(self.base, key, nonfinite)
         name = key[: -len(".weight")] if key.endswith(".weight") else None
         if name is None or name not in self.adapter:
             return w0
         from nlsr_fast.lora import read_raw
 
         m = self.adapter.module(name)
-        a = read_raw(self.adapter, m.key_a, self.nonfinite).float()
-        b = read_raw(self.adapter, m.key_b, self.nonfinite).float()
+        a = read_raw(self.adapter, m.key_a, nonfinite).float()
+        b = read_raw(self.adapter, m.key_b, nonfinite).float()
         if m.transposed:
             a, b = a.t(), b.t()
         delta = (b @ a) * m.scale
@@ -98,11 +100,20 @@ class DenseInput:
         return (w0.float() + delta).to(w0.dtype)
 
 
-def read_base(base: CheckpointReader, key: str, nonfinite: NonFinite) -> torch.Tensor:
-    """Tensor `key` of a checkpoint, read into private memory and checked by the non-finite policy."""
+def read_base(base: CheckpointReader, key: str, nonfinite: NonFinite | None) -> torch.Tensor:
+    """Tensor `key` of a checkpoint, read into private memory and checked by the non-finite policy (if given)."""
     t = read_tensor(base.info(key))
-    nonfinite.check(t, file=base.file_of(key), tensor=key)
+    if nonfinite is not None:
+        nonfinite.check(t, file=base.file_of(key), tensor=key)
     return t
+
+
+def file_position(model: DenseInput, key: str) -> tuple[int, int]:
+    """(file index, byte offset) of tensor `key` in `model`'s files (the base's, for an adapter): reading in this
+    order reads each file front to back."""
+    reader = model.base if model.adapter is not None else model.source
+    info = reader.info(key)  # type: ignore[union-attr]
+    return [Path(f) for f in reader.files].index(Path(info.file)), info.start  # type: ignore[union-attr]
 
 
 def dense_targets(model: DenseInput, pattern: str) -> list[str]:
@@ -150,15 +161,15 @@ class DenseOutput:
         self.folder = folder
         self.total_size = sum(math.prod(s) * d.itemsize for _, d, s in plan)
         # `create`: this process may plan the shards; one that exists already (a resumed run's) is opened.
-        self._files = [PlannedSafetensors(folder / n, group, metadata, create=create and not (folder / n).exists())
+        self.files = [PlannedSafetensors(folder / n, group, metadata, create=create and not (folder / n).exists())
                        for n, group in zip(self.names, groups, strict=True)]
         self._where = {key: i for i, group in enumerate(groups) for key, _, _ in group}
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
-        self._files[self._where[key]].write(key, tensor)
+        self.files[self._where[key]].write(key, tensor)
 
     def close(self) -> None:
-        for f in self._files:
+        for f in self.files:
             f.close()
 
     def finish(self) -> None:
@@ -197,6 +208,7 @@ class DenseSpace:
         self.out = out
         self.wanda_scale = wanda_scale or {}
         self.rest = rest or {}
+        self._module_set = set(targets)
 
     def mask_keys(self, name: str) -> tuple[str]:
         return (name,)
@@ -207,8 +219,8 @@ class DenseSpace:
             return self.reference.read(key, w_0).float()
         assert self.aligned is not None
         w_a = self.aligned.read(key, w_0)
-        return extrapolate(w_a, w_0, self.alpha, out=torch.empty(w_a.shape, dtype=torch.float32),
-                           backend=self.backend)
+        out = new_buffer(w_a.numel() * 4).view(torch.float32).reshape(w_a.shape)
+        return extrapolate(w_a, w_0, self.alpha, out=out, backend=self.backend)
 
     def load(self, name: str) -> DenseModule:
         key = f"{name}.weight"
@@ -217,15 +229,21 @@ class DenseSpace:
         w_e = self.reference_weight(key, w_0)
         return DenseModule(w_t.to(self.device), w_e.to(self.device), w_0.to(self.device))
 
-    def score_tensor(self, loaded: DenseModule) -> torch.Tensor:
-        """What the scores rank: the reference's delta W_e - W_0 (default) or W_e itself."""
-        return loaded.w_e - loaded.w_0 if self.score_on == "delta" else loaded.w_e
+    def score_tensor(self, loaded: DenseModule, out: torch.Tensor | None = None) -> torch.Tensor:
+        """What the scores rank: the reference's delta W_e - W_0 (default, into `out` when given) or W_e itself."""
+        if self.score_on != "delta":
+            return loaded.w_e
+        return torch.sub(loaded.w_e, loaded.w_0) if out is None else torch.sub(loaded.w_e, loaded.w_0, out=out)
+
+    @staticmethod
+    def _block(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        """A rows x cols scratch block from the run's buffer pool (a fresh one each block would be fresh pages)."""
+        return new_buffer(rows * cols * dtype.itemsize).view(dtype).reshape(rows, cols)
 
     def masks(self, name: str, loaded: DenseModule) -> dict[str, PackedMask]:
         keep = 1.0 - self.sparsity
         if self.method == "random":
-            draws = torch.randn(tuple(loaded.w_e.shape), generator=module_generator(self.seed, name))
-            return {name: row_topk_mask(draws.to(self.device), keep, backend=self.backend)}
+            return {name: random_mask(loaded.w_e, self.sparsity, self.seed, name, self.backend)}
         if self.method not in ("magnitude", "wanda"):
             raise AssertionError(f"masks of method {self.method!r} are computed by calibration before pass 1")
         scale = None
@@ -234,9 +252,11 @@ class DenseSpace:
         # Rows are masked independently, so the fp32 delta is formed one block of rows at a time: the transient
         # stays at _SCORE_ROWS rows whatever the weight's size.
         mask = PackedMask.empty(tuple(loaded.w_e.shape), self.device)
-        for r in range(0, loaded.w_e.shape[0], _SCORE_ROWS):
+        d_out, d_in = loaded.w_e.shape
+        for r in range(0, d_out, _SCORE_ROWS):
             rows = slice(r, r + _SCORE_ROWS)
-            block = self.score_tensor(DenseModule(loaded.w_t[rows], loaded.w_e[rows], loaded.w_0[rows]))
+            out = self._block(min(_SCORE_ROWS, d_out - r), d_in, torch.float32)
+            block = self.score_tensor(DenseModule(loaded.w_t[rows], loaded.w_e[rows], loaded.w_0[rows]), out=out)
             mask.bits[rows] = row_topk_mask(block, keep, col_scale=scale, backend=self.backend).bits
         return {name: mask}
 
@@ -247,26 +267,43 @@ class DenseSpace:
             return masked_delta_cosine(loaded.w_t, loaded.w_e, masks[name].to(self.device), base=loaded.w_0,
                                        name=name, backend=self.backend)
 
-    def write_finetuned(self, name: str, loaded: DenseModule) -> None:
-        if self.out is not None:
-            self.out.write(f"{name}.weight", loaded.w_t)
+    def restore_values(self, name: str, loaded: DenseModule, masks: dict[str, PackedMask]) -> dict[str, torch.Tensor]:
+        """W_e under the mask, cast to W_t's dtype (what restoration puts there), one block of rows at a time."""
+        mask = masks[name].to(self.device)
+        blocks = []
+        for r in range(0, mask.rows, _SCORE_ROWS):
+            n = min(_SCORE_ROWS, mask.rows - r)
+            cast = self._block(n, mask.cols, loaded.w_t.dtype).copy_(loaded.w_e[r:r + n])  # rounds as .to() does
+            blocks.append(masked_values(cast, PackedMask(mask.bits[r:r + n], (n, mask.cols)), backend=self.backend))
+        return {name: torch.cat(blocks) if blocks else loaded.w_t.new_empty(0)}
 
-    def restore(self, name: str, loaded: DenseModule, masks: dict[str, PackedMask]) -> dict[str, int]:
-        new = masked_restore(loaded.w_t, loaded.w_e.to(loaded.w_t.dtype), masks[name].to(self.device),
-                             backend=self.backend)
-        if self.out is not None:
-            self.out.write(f"{name}.weight", new)
-        return {name: changed_entries(loaded.w_t, new)}
+    # -- file order (pass 1 reads in it) and pass 2: the output checkpoint ---------------------------------------
+    def file_order(self, names: list[str]) -> list[str]:
+        return sorted(names, key=lambda n: file_position(self.ft, f"{n}.weight"))
 
-    def copy_rest(self) -> None:
-        """Every output tensor that is not a target, bit-exact from the fine-tuned model (or as its policy says)."""
-        assert self.out is not None
+    def output_items(self, modules: list[str], rest: bool) -> list[str]:
+        """Module names (for their weights) and, with `rest`, the keys of every other tensor, in output order."""
+        mine = {f"{n}.weight": n for n in modules}
         targets = {f"{n}.weight" for n in self.modules}
-        for key in self.ft.keys():
-            if key in targets:
-                continue
-            action, replacement = self.rest.get(key, ("copy", None))
-            self.out.write(key, replacement if replacement is not None else self.ft.read(key))
+        return [mine.get(k, k) for k in self.ft.keys() if k in mine or (rest and k not in targets)]
+
+    def load_output(self, item: str) -> torch.Tensor:
+        if item in self._module_set:  # its weight was checked for non-finite values in pass 1
+            return self.ft.read(f"{item}.weight", checked=False)
+        replacement = self.rest.get(item, ("copy", None))[1]
+        return replacement if replacement is not None else self.ft.read(item)
+
+    def write_output(self, item: str, loaded: torch.Tensor, masks: dict[str, PackedMask] | None,
+                     values: dict[str, torch.Tensor] | None) -> dict[str, int]:
+        assert self.out is not None
+        key = f"{item}.weight" if item in self._module_set else item
+        if masks is None or values is None:
+            self.out.write(key, loaded)
+            return {}
+        out = self._block(loaded.shape[0], loaded.shape[1], loaded.dtype)
+        new, changed = put_masked_values(loaded, masks[item], values[item], out=out, backend=self.backend)
+        self.out.write(key, new)
+        return {item: changed}
 
 
 class ReferenceReader:
@@ -293,13 +330,6 @@ class ReferenceReader:
 
     def get_many(self, keys: Any) -> dict[str, torch.Tensor]:
         return {k: self.get(k) for k in keys}
-
-
-def module_generator(seed: int, name: str) -> torch.Generator:
-    """A CPU generator for module `name`'s random scores: seeded from (seed, name), so any process can draw any
-    module's scores in any order."""
-    digest = hashlib.sha256(f"{int(seed)}:{name}".encode()).digest()
-    return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 def copy_model_files(src: Path, dst: Path) -> list[str]:

@@ -1,31 +1,41 @@
 """The streaming executor: one engine for LoRA and dense realignment (DESIGN "Scale").
 
-pass 1  for each module, in model order (a reader thread loads the next module while this one is computed):
-          inputs -> reference -> masks (written to masks.safetensors at once) -> similarity (a float);
-          the fine-tuned module is written to the output as it is (most modules stay that way)
+pass 1  for each module, in the fine-tuned file's order (a reader thread loads the next module while this one is
+          computed): inputs -> reference -> masks (written to masks.safetensors at once) -> similarity (a float);
+          the values restoration would give the masked entries (the reference, in the output's dtype: about
+          (1 - s) x 2 bytes per entry) go to a stash
 select  N floats -> the restored set
-pass 2  for each restored module: inputs again -> masks read back -> restore -> written over its output slot
+pass 2  every output tensor, in the output file's order: the fine-tuned tensor, with the stashed values put back
+          under the mask where its module is restored; written once, so each output file is written front to back
+          and hashed as it is written (no second read for the manifest)
 
 Memory: the module in hand plus the prefetch queue, never the model. A `Space` (lora.LoraSpace,
 dense.DenseSpace) says what a module's tensors are and how each stage treats them; the stages themselves are the
 per-module calls of nlsr_fast.pipeline and nlsr_fast.ops. With several processes (torch.distributed), each rank
-runs passes 1 and 2 on the modules it owns and writes them into the shared planned files.
+runs passes 1 and 2 on the modules it owns and writes them into the shared planned files (rank 0 also writes the
+tensors that belong to no module).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+import torch
+
+from nlsr_fast.io._format import DTYPE_NAMES, DTYPES
+from nlsr_fast.io.stream import new_buffer, pread_into, pwrite_all, tensor_bytes
 from nlsr_fast.ops import PackedMask
 from nlsr_fast.pipeline.select import Selection, select
 
-__all__ = ["Executed", "Space", "execute", "prefetch"]
+__all__ = ["Executed", "FileStash", "MemoryStash", "Space", "execute", "prefetch"]
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +51,11 @@ class Space(Protocol):
     def mask_keys(self, name: str) -> tuple[str, ...]:
         """Names of module `name`'s masks in masks.safetensors."""
 
+    def file_order(self, names: list[str]) -> list[str]:
+        """`names` in the order of their tensors in the fine-tuned input's files (sequential reads)."""
+
     def load(self, name: str) -> Any:
-        """The tensors of module `name` that passes 1 and 2 need (fine-tuned + reference), read and checked."""
+        """The tensors of module `name` that pass 1 needs (fine-tuned + reference), read and checked."""
 
     def masks(self, name: str, loaded: Any) -> dict[str, PackedMask]:
         """The masks of module `name`, keyed as in masks.safetensors."""
@@ -50,14 +63,69 @@ class Space(Protocol):
     def similarity(self, name: str, loaded: Any, masks: dict[str, PackedMask]) -> float:
         """S_m of module `name` (SPEC §4)."""
 
-    def write_finetuned(self, name: str, loaded: Any) -> None:
-        """Write module `name` of the fine-tuned input to its output slots, unchanged."""
+    def restore_values(self, name: str, loaded: Any, masks: dict[str, PackedMask]) -> dict[str, torch.Tensor]:
+        """{mask key: the values restoration gives the masked entries, in row-major order} (1-D tensors)."""
 
-    def restore(self, name: str, loaded: Any, masks: dict[str, PackedMask]) -> dict[str, int]:
-        """Write the restored module to its output slots; returns the changed entries per masked tensor."""
+    def output_items(self, modules: list[str], rest: bool) -> list[str]:
+        """What pass 2 writes, in the output files' order: the given modules, and with `rest` every output tensor
+        that belongs to no module (by its key)."""
 
-    def copy_rest(self) -> None:
-        """Write every output tensor that belongs to no module (bit-exact copies, or as their policy says)."""
+    def load_output(self, item: str) -> Any:
+        """The fine-tuned tensors of output item `item` (a module, or a tensor that belongs to none)."""
+
+    def write_output(self, item: str, loaded: Any, masks: dict[str, PackedMask] | None,
+                     values: dict[str, torch.Tensor] | None) -> dict[str, int]:
+        """Write item `item`; a restored module (masks and values given) gets `values` under its masks. Returns
+        the changed entries per masked tensor of a restored module, {} otherwise."""
+
+
+class MemoryStash:
+    """Restore values kept in memory (tests and small runs); `FileStash` is the streaming one."""
+
+    def __init__(self) -> None:
+        self._kept: list[torch.Tensor] = []
+
+    def put(self, values: torch.Tensor) -> list[Any]:
+        self._kept.append(values.detach().to("cpu").reshape(-1))
+        return [len(self._kept) - 1]
+
+    def get(self, record: list[Any]) -> torch.Tensor:
+        return self._kept[record[0]]
+
+    def close(self) -> None:
+        self._kept.clear()
+
+
+class FileStash:
+    """Restore values appended to a scratch file (one per process) and read back by (offset, count, dtype).
+
+    The records are JSON lists, so the journal can keep them for a resumed run; bytes a killed run appended after
+    its last journaled record are never referenced and are skipped (appends go on at the end of the file).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._end = os.fstat(self._fd).st_size
+
+    def put(self, values: torch.Tensor) -> list[Any]:
+        view = tensor_bytes(values)
+        offset = self._end
+        pwrite_all(self._fd, view, offset)
+        self._end += len(view)
+        return [offset, values.numel(), DTYPE_NAMES[values.dtype]]
+
+    def get(self, record: list[Any]) -> torch.Tensor:
+        offset, count, dtype_name = record
+        dtype = DTYPES[dtype_name]
+        buf = new_buffer(count * dtype.itemsize)  # a dense module's values are ~94 MB: reused, not fresh pages
+        pread_into(self._fd, memoryview(buf.numpy().data).cast("B"), offset, self.path)
+        return buf.view(dtype)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 @dataclass
@@ -126,6 +194,7 @@ def execute(
     progress: Callable[[str, int, int], None] | None = None,
     precomputed_masks: Callable[[str], dict[str, PackedMask]] | None = None,
     journal: Any = None,
+    stash: Any = None,
 ) -> Executed:
     """Run pass 1, select and pass 2 over `space.modules`.
 
@@ -140,19 +209,23 @@ def execute(
         progress: optional callback(phase, done, total).
         precomputed_masks: masks made and written by calibration before pass 1, or None to let the space make
             (and write) them.
-        journal: a resume.Journal: journaled modules are skipped (their results read back), finished ones recorded.
+        journal: a resume.Journal: journaled modules and output items are skipped (their results read back),
+            finished ones recorded.
+        stash: where pass 1 keeps the restore values for pass 2 (FileStash; a MemoryStash when None).
     Returns:
         Executed, with every module's results (all processes' after `gather`) and the seconds of each phase.
     """
     names = space.modules
+    stash = stash if stash is not None else MemoryStash()
     mine = [n for i, n in enumerate(names) if owned(i)]
     sims: dict[str, float] = {}
     densities: dict[str, dict[str, float]] = {}
+    kept: dict[str, dict[str, Any]] = {}  # module -> {mask key: stash record}
     for name in mine:
         if journal is not None and journal.done("pass1", name):
-            sims[name], densities[name] = journal.get("pass1", name)
+            sims[name], densities[name], kept[name] = journal.get("pass1", name)
     start = time.perf_counter()
-    todo = [n for n in mine if n not in sims]
+    todo = space.file_order([n for n in mine if n not in sims])
     for done, (name, loaded) in enumerate(prefetch(todo, space.load), start=1):
         if precomputed_masks is not None:  # calibration wrote them to masks.safetensors already
             masks = precomputed_masks(name)
@@ -162,16 +235,12 @@ def execute(
                 masks_file.write(key, mask)
         sims[name] = space.similarity(name, loaded, masks)
         densities[name] = {key: mask.density() for key, mask in masks.items()}
-        space.write_finetuned(name, loaded)
+        kept[name] = {key: stash.put(v) for key, v in space.restore_values(name, loaded, masks).items()}
         if journal is not None:
-            journal.record("pass1", name, [sims[name], densities[name]])
+            journal.record("pass1", name, [sims[name], densities[name], kept[name]])
         del loaded, masks
         if progress is not None:
             progress("pass 1", done, len(todo))
-    if root and not (journal is not None and journal.done("rest", "")):
-        space.copy_rest()
-        if journal is not None:
-            journal.record("rest", "")
     sims, densities = gather(sims), gather(densities)
     timings = {"pass1": time.perf_counter() - start}
     start = time.perf_counter()
@@ -183,20 +252,30 @@ def execute(
     restored = [n for n, flag in zip(names, chosen.restored, strict=True) if flag]
     timings["select"] = time.perf_counter() - start
     start = time.perf_counter()
-    mine_set = set(mine)
-    mine_restored = [n for n in restored if n in mine_set]
+    restored_set = set(restored)
     changed: dict[str, dict[str, int]] = {}
-    for name in mine_restored:
-        if journal is not None and journal.done("pass2", name):
-            changed[name] = journal.get("pass2", name)
-    todo = [n for n in mine_restored if n not in changed]
-    for done, (name, loaded) in enumerate(prefetch(todo, space.load), start=1):
-        changed[name] = space.restore(name, loaded, masks_file.read(list(space.mask_keys(name))))
+    items = space.output_items(mine, rest=root)
+    for item in items:
+        if journal is not None and journal.done("pass2", item) and item in restored_set:
+            changed[item] = journal.get("pass2", item)
+    todo = [i for i in items if journal is None or not journal.done("pass2", i)]
+
+    def load_output(item: str) -> tuple[Any, Any, Any]:
+        if item not in restored_set:
+            return space.load_output(item), None, None
+        masks = masks_file.read(list(space.mask_keys(item)))
+        return space.load_output(item), masks, {key: stash.get(rec) for key, rec in kept[item].items()}
+
+    for done, (item, (loaded, masks, values)) in enumerate(prefetch(todo, load_output), start=1):
+        got = space.write_output(item, loaded, masks, values)
+        if item in restored_set:
+            changed[item] = got
         if journal is not None:
-            journal.record("pass2", name, changed[name])
-        del loaded
+            journal.record("pass2", item, got)
+        del loaded, masks, values
         if progress is not None:
             progress("pass 2", done, len(todo))
+    stash.close()
     changed = gather(changed)
     timings["pass2"] = time.perf_counter() - start
     return Executed(sims, densities, chosen, restored, changed, {k: round(v, 4) for k, v in timings.items()})

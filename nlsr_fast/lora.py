@@ -20,7 +20,7 @@ from nlsr_fast.io.finite import NonFinite
 from nlsr_fast.io.stream import PlannedSafetensors, read_tensor
 from nlsr_fast.ops import PackedMask
 from nlsr_fast.pipeline.amplify import amplify
-from nlsr_fast.pipeline.restore import changed_entries, restore
+from nlsr_fast.pipeline.restore import masked_values, put_masked_values
 from nlsr_fast.pipeline.score import masks_from_statistics
 from nlsr_fast.pipeline.similarity import similarity
 
@@ -35,7 +35,6 @@ _SAVED_WRAPPER = re.compile(r"\.(modules_to_save|original_module)(\.[^.]+)?(?=\.
 
 
 class LoraModuleTensors(NamedTuple):
-    raw_t: tuple[torch.Tensor, torch.Tensor]  # A, B as stored in the fine-tuned file (orientation kept)
     ft: tuple[torch.Tensor, torch.Tensor]  # A_t (r, d_in), B_t (d_out, r), stored dtype, on the device
     ref: tuple[torch.Tensor, torch.Tensor]  # A_e, B_e fp32 on the device
 
@@ -86,8 +85,6 @@ class LoraSpace:
         self.out = out
         self.extras = extras or {}
         self.modules: list[str] = ft.modules
-        self._generator = torch.Generator("cpu").manual_seed(int(seed))
-        self._drawn = 0  # modules whose random scores were drawn (model order)
 
     def mask_keys(self, name: str) -> tuple[str, str]:
         return lora_mask_keys(name)
@@ -110,7 +107,7 @@ class LoraSpace:
         m = self.ft.module(name)
         raw_t = (read_raw(self.ft, m.key_a, self.nonfinite), read_raw(self.ft, m.key_b, self.nonfinite))
         a_t, b_t = self._oriented(self.ft, name, raw_t)
-        return LoraModuleTensors(raw_t, (a_t.to(self.device), b_t.to(self.device)), self.load_reference(name))
+        return LoraModuleTensors((a_t.to(self.device), b_t.to(self.device)), self.load_reference(name))
 
     @staticmethod
     def _oriented(adapter: LoraAdapter, name: str, raw: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor,
@@ -122,17 +119,9 @@ class LoraSpace:
     def masks(self, name: str, loaded: LoraModuleTensors) -> dict[str, PackedMask]:
         if self.method != "random":
             raise AssertionError(f"masks of method {self.method!r} are computed by calibration before pass 1")
-        # One generator in model order, as the in-memory `score` draws: modules another process owns are drawn
-        # too (and dropped), so every process sees the same stream.
-        index = self.modules.index(name)
-        while self._drawn < index:
-            skipped = self.ft.module(self.modules[self._drawn])
-            torch.randn((skipped.rank, skipped.d_in), generator=self._generator)
-            torch.randn((skipped.d_out, skipped.rank), generator=self._generator)
-            self._drawn += 1
+        # Each mask has its own stream (seed, mask key): no other module is drawn, whatever the order or process.
         got = masks_from_statistics("random", {name: loaded.ref}, sparsity=self.sparsity, preset=self.preset,
-                                    backend=self.backend, generator=self._generator)[name]
-        self._drawn = index + 1
+                                    seed=self.seed, backend=self.backend)[name]
         return dict(zip(lora_mask_keys(name), got, strict=True))
 
     def similarity(self, name: str, loaded: LoraModuleTensors, masks: dict[str, PackedMask]) -> float:
@@ -140,26 +129,48 @@ class LoraSpace:
         return similarity({name: loaded.ft}, {name: loaded.ref}, {name: (masks[key_a], masks[key_b])},
                           backend=self.backend, warn=False)[name]
 
-    def write_finetuned(self, name: str, loaded: LoraModuleTensors) -> None:
-        if self.out is not None:
-            m = self.ft.module(name)
-            self.out.write(m.key_a, loaded.raw_t[0])
-            self.out.write(m.key_b, loaded.raw_t[1])
+    def restore_values(self, name: str, loaded: LoraModuleTensors,
+                       masks: dict[str, PackedMask]) -> dict[str, torch.Tensor]:
+        """The reference under each mask, cast to the fine-tuned dtype (what `restore` puts there)."""
+        return {key: masked_values(e.to(t.dtype), masks[key], backend=self.backend)
+                for key, t, e in zip(lora_mask_keys(name), loaded.ft, loaded.ref, strict=True)}
 
-    def restore(self, name: str, loaded: LoraModuleTensors, masks: dict[str, PackedMask]) -> dict[str, int]:
-        key_a, key_b = lora_mask_keys(name)
-        new_a, new_b = restore({name: loaded.ft}, {name: loaded.ref}, {name: (masks[key_a], masks[key_b])}, {name},
-                               backend=self.backend)[name]
-        if self.out is not None:
-            for key, t in self.ft.to_raw(name, new_a.cpu(), new_b.cpu()).items():
-                self.out.write(key, t)
-        return {key_a: changed_entries(loaded.ft[0], new_a), key_b: changed_entries(loaded.ft[1], new_b)}
+    # -- file order (pass 1 reads in it) and pass 2: the output adapter ------------------------------------------
+    def file_order(self, items: list[str]) -> list[str]:
+        """Modules (by their A factor) and non-LoRA tensors (by key) in the fine-tuned file's order."""
+        if self.ft.is_pickle:
+            return list(items)
+        return sorted(items, key=lambda i: self.ft.raw_info(i if i in self.extras else self.ft.module(i).key_a).start)
 
-    def copy_rest(self) -> None:
-        """The non-LoRA tensors, as their policy says (`refuse` never gets here)."""
+    def output_items(self, modules: list[str], rest: bool) -> list[str]:
+        return self.file_order(list(modules) + (list(self.extras) if rest else []))
+
+    def load_output(self, item: str) -> Any:
+        if item in self.extras:
+            replacement = self.extras[item][1]
+            return replacement if replacement is not None else read_raw(self.ft, item, self.nonfinite)
+        m = self.ft.module(item)  # checked for non-finite values in pass 1
+        return read_raw(self.ft, m.key_a), read_raw(self.ft, m.key_b)
+
+    def write_output(self, item: str, loaded: Any, masks: dict[str, PackedMask] | None,
+                     values: dict[str, torch.Tensor] | None) -> dict[str, int]:
         assert self.out is not None
-        for key, (_action, replacement) in self.extras.items():
-            self.out.write(key, replacement if replacement is not None else read_raw(self.ft, key, self.nonfinite))
+        if item in self.extras:
+            self.out.write(item, loaded)
+            return {}
+        m = self.ft.module(item)
+        if masks is None or values is None:
+            self.out.write(m.key_a, loaded[0])
+            self.out.write(m.key_b, loaded[1])
+            return {}
+        changed = {}
+        new = []
+        for key, t in zip(lora_mask_keys(item), self._oriented(self.ft, item, loaded), strict=True):
+            restored, changed[key] = put_masked_values(t, masks[key], values[key], backend=self.backend)
+            new.append(restored)
+        for key, t in self.ft.to_raw(item, *new).items():
+            self.out.write(key, t)
+        return changed
 
 
 def plan_extras(ft: LoraAdapter, aligned: LoraAdapter, base: Any, policy: str,

@@ -128,6 +128,11 @@ class Report:
                 f"{m.changed_a:>7} {m.changed_b:>7}"
             )
         lines.append("-" * len(head))
+        return "\n".join(lines + [self.summary()])
+
+    def summary(self) -> str:
+        """The lines under the table: what was restored, the timings, the bytes read and written."""
+        lines = []
         cfg = self.config
         changed = sum(m.changed_a + m.changed_b for m in self.modules)
         # A module whose masks are all empty (sparsity 1) has nothing to restore: say so rather than let

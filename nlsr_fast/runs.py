@@ -6,6 +6,7 @@ the model card (README.md), and leave report.json, similarity.png and the manife
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -17,7 +18,7 @@ import torch
 
 from nlsr_fast.config import RealignConfig
 from nlsr_fast.distributed import Dist
-from nlsr_fast.executor import Executed, execute
+from nlsr_fast.executor import Executed, FileStash, execute
 from nlsr_fast.io.finite import NonFinite
 from nlsr_fast.ops import row_topk_mask
 from nlsr_fast.pipeline.write import CARD_FILE, MASKS_FILE, MasksFile, write_card
@@ -50,6 +51,7 @@ class _Run:
     """What both modes share: the masks file, the executor call, timings."""
 
     space: Any
+    out: Any  # the planned output: io.stream.PlannedSafetensors (LoRA) or dense.DenseOutput
     mask_shapes: dict[str, tuple[int, ...]]
 
     def __init__(self, config: RealignConfig, inputs: Any, calib: Any, tmp: Path, nonfinite: NonFinite,
@@ -86,16 +88,28 @@ class _Run:
             return None
         return lambda name: self.masks_file.read(list(self.space.mask_keys(name)))
 
+    @functools.cached_property
+    def owner(self) -> dict[str, int]:
+        """{module: rank that computes it}: contiguous runs of modules of about equal size."""
+        sizes = [sum(math.prod(self.mask_shapes[k]) for k in self.space.mask_keys(n)) for n in self.space.modules]
+        return dict(zip(self.space.modules, self.dist.owners(sizes), strict=True))
+
     def owns(self, name: str) -> bool:
-        """Whether this process computes module `name` (contiguous runs of modules of about equal size)."""
-        if not hasattr(self, "_owner"):
-            sizes = [sum(math.prod(self.mask_shapes[k]) for k in self.space.mask_keys(n)) for n in self.space.modules]
-            self._owner = dict(zip(self.space.modules, self.dist.owners(sizes), strict=True))
-        return self._owner[name] == self.dist.rank
+        """Whether this process computes module `name`."""
+        return self.owner[name] == self.dist.rank
 
     def calibrate(self) -> Any:
         """Masks made from calibration data before pass 1 (a callable name -> masks), or None."""
         return None
+
+    def output_files(self) -> list[Any]:
+        """The PlannedSafetensors files of the output tensors."""
+        raise NotImplementedError
+
+    def written_digests(self) -> dict[str, str]:
+        """{file name: sha256} of the output files hashed as they were written front to back (after close)."""
+        files = [self.masks_file.planned, *self.output_files()]
+        return {f.path.name: f.digest for f in files if f.digest is not None}
 
     def execute(self) -> Executed:
         start = time.perf_counter()
@@ -106,7 +120,8 @@ class _Run:
         names = self.space.modules
         executed = execute(self.space, masks_file=self.masks_file, select_kwargs=_select_kwargs(self.config),
                            progress=self.progress, precomputed_masks=precomputed, journal=self.journal,
-                           owned=lambda i: self.owns(names[i]), root=self.dist.root, gather=self.dist.gather)
+                           owned=lambda i: self.owns(names[i]), root=self.dist.root, gather=self.dist.gather,
+                           stash=FileStash(self.journal.dir / f"restore-values-{self.dist.rank}.bin"))
         for name, seconds in executed.timings.items():
             self.progress.stage(name, seconds)
         return executed
@@ -146,12 +161,14 @@ class LoraRun(_Run):
         from nlsr_fast.pipeline.score import score
 
         cfg, space = self.config, self.space
-        for name in space.modules:  # non-finite fine-tuned factors are refused before the long calibration
+        in_file_order = space.file_order(space.modules)  # sequential reads (and the input hashes ride on them)
+        for name in in_file_order:  # non-finite fine-tuned factors are refused before the long calibration
             read_raw(space.ft, space.ft.module(name).key_a, self.nonfinite)
             read_raw(space.ft, space.ft.module(name).key_b, self.nonfinite)
         # The engine applies every module's reference adapter while it streams the base, so the reference factors
         # are held for calibration (fp32: 2x the adapter's bf16 size).
-        ref = {name: space.load_reference(name) for name in space.modules}
+        loaded = {name: space.load_reference(name) for name in in_file_order}
+        ref = {name: loaded[name] for name in space.modules}  # model order, as the in-memory stages take it
         scales = {name: space.source.scale(name) for name in space.modules}
         masks = score(cfg.method, ref, sparsity=cfg.sparsity, preset=cfg.preset_spec, seed=cfg.seed,
                       base=self.inputs.base, calib=self.calib, scales=scales, sequential=cfg.sequential,
@@ -164,6 +181,9 @@ class LoraRun(_Run):
                     self.masks_file.write(key, mask)
         self.journal.record("calibration", "")
         return lambda name: dict(zip(space.mask_keys(name), masks[name], strict=True))
+
+    def output_files(self) -> list[Any]:
+        return [self.out]
 
     def close(self) -> None:
         """fsync and close this process's output files."""
@@ -249,6 +269,9 @@ class DenseRun(_Run):
                                      **_engine_kwargs(cfg, self.device))
         self.journal.record("calibration", "")
         return self.calibrated()
+
+    def output_files(self) -> list[Any]:
+        return list(self.out.files)
 
     def close(self) -> None:
         """fsync and close this process's output files."""

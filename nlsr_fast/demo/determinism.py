@@ -1,4 +1,4 @@
-"""What the demo pins so that it prints the same table on every x86-64 machine of one kind (same package versions).
+"""What the demo pins so that it prints the same table on every machine with the same CPU model and package versions.
 
 Where the numbers of the demo's float computations come from, and what is pinned. On the 2-core AVX-512 machine,
 MKL's AVX2 path and ATen's AVX2 path each changed the trained weights bit for bit; torch's thread count did not at
@@ -21,7 +21,10 @@ nlsr_fast.demo``) whose environment carries :data:`PINNED_ENV`, unless its own e
 
 Not pinned (cannot be from here): the versions of torch, transformers, peft and tokenizers (a different transformers
 release may compute attention or a norm differently), a CPU without AVX2 or not x86-64 (the pins then fall back to
-what the CPU has; :func:`numerics` reports it and `results.json` records it under "numerics").
+what the CPU has; :func:`numerics` reports it and `results.json` records it under "numerics"), and the CPU vendor:
+two AMD EPYC machines, one with and one without AVX-512, trained the same weights as each other and other weights
+than the earlier Intel AVX-512 machine under the same pins (README "Demo" shows both tables), perhaps because MKL
+picks its kernels by vendor.
 """
 
 from __future__ import annotations

@@ -7,10 +7,11 @@ from collections.abc import Collection, Mapping
 
 import torch
 
-from nlsr_fast.ops import PackedMask, masked_restore
+from nlsr_fast.ops import PackedMask, masked_gather, masked_restore, masked_scatter
+from nlsr_fast.ops.masked_values import changed_bits
 from nlsr_fast.pipeline._types import Factors
 
-__all__ = ["changed_entries", "restore"]
+__all__ = ["changed_entries", "masked_values", "put_masked_values", "restore"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,19 @@ def changed_entries(old: torch.Tensor, new: torch.Tensor) -> int:
         raise ValueError(f"changed_entries needs equal shapes and dtypes, got {old.shape} {old.dtype}, "
                          f"{new.shape} {new.dtype}")
     if old.dtype.is_floating_point:
-        int_dtype = {2: torch.int16, 4: torch.int32, 8: torch.int64}[old.element_size()]
-        return int(torch.count_nonzero(old.contiguous().view(int_dtype) != new.contiguous().view(int_dtype)))
+        return changed_bits(old, new)
     return int(torch.count_nonzero(old != new))
+
+
+def masked_values(source: torch.Tensor, mask: PackedMask, *, backend: str | None = None) -> torch.Tensor:
+    """The entries of `source` under `mask`, row-major, as a 1-D tensor (what restoration puts there, when `source`
+    is the reference already cast to the fine-tuned dtype)."""
+    return masked_gather(source, mask.to(source.device), backend=backend)
+
+
+def put_masked_values(target: torch.Tensor, mask: PackedMask, values: torch.Tensor, *,
+                      out: torch.Tensor | None = None, backend: str | None = None) -> tuple[torch.Tensor, int]:
+    """A copy of `target` whose masked entries take `values` (from `masked_values`), and the number of entries whose
+    bits changed. Equals masked_restore(target, source, mask) for values = masked_values(source cast, mask)."""
+    values = values.to(device=target.device, dtype=target.dtype)
+    return masked_scatter(target, mask.to(target.device), values, out=out, backend=backend)

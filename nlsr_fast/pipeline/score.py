@@ -13,10 +13,12 @@ from typing import Any
 import torch
 
 from nlsr_fast.config import METHODS, Preset, resolve_preset
-from nlsr_fast.ops import PackedMask, row_topk_mask
+from nlsr_fast.ops import PackedMask, random_row_mask, random_stream, row_topk_mask
+from nlsr_fast.ops.random_row_mask import host_backend
 from nlsr_fast.pipeline._types import Factors, Masks
 
-__all__ = ["STATISTICS_METHODS", "GRADIENT_METHODS", "masks_from_statistics", "score", "sequential_transform"]
+__all__ = ["STATISTICS_METHODS", "GRADIENT_METHODS", "masks_from_statistics", "random_mask", "score",
+           "sequential_transform"]
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +58,22 @@ def _wanda_masks(
     )
 
 
+def random_mask(x: torch.Tensor, sparsity: float, seed: int, key: str, backend: str | None) -> PackedMask:
+    """The `random` mask of tensor `x` (mask key `key`), in both modes. The top 1 - s of each row of i.i.d. scores
+    is a uniformly random subset of that size: random_row_mask draws it directly, from a stream of its own per
+    tensor (seed, mask key), so no module's mask depends on another's, their order or the process."""
+    return random_row_mask((x.shape[0], x.shape[1]), 1.0 - sparsity, random_stream(seed, key), device=x.device,
+                           backend=host_backend(backend))
+
+
 def _random_masks(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], sparsity: float, seed: int,
-                  backend: str | None, generator: torch.Generator | None = None) -> Masks:
-    # row_topk_mask ranks |score|; the |.| of i.i.d. standard normals is i.i.d. too, so each row keeps a uniformly
-    # random subset of the right size, exactly as ranking the normals themselves would.
-    gen = generator if generator is not None else torch.Generator("cpu").manual_seed(int(seed))
-    keep = 1.0 - sparsity
+                  backend: str | None) -> Masks:
+    from nlsr_fast.lora import lora_mask_keys  # function-local: nlsr_fast.lora imports this module
+
     out: Masks = {}
     for name, (a, b) in factors.items():
-        draws = [torch.randn(tuple(x.shape), generator=gen, dtype=torch.float32).to(x.device) for x in (a, b)]
-        out[name] = (row_topk_mask(draws[0], keep, backend=backend), row_topk_mask(draws[1], keep, backend=backend))
+        key_a, key_b = lora_mask_keys(name)
+        out[name] = (random_mask(a, sparsity, seed, key_a, backend), random_mask(b, sparsity, seed, key_b, backend))
     return out
 
 
@@ -79,7 +87,6 @@ def masks_from_statistics(
     grads: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     seed: int = 42,
     backend: str | None = None,
-    generator: torch.Generator | None = None,
 ) -> Masks:
     """Masks of every module from its calibration statistics.
 
@@ -90,10 +97,9 @@ def masks_from_statistics(
         preset: Preset or name (low_rank count offset).
         stats: {module: ModuleStats(gram (r, r), x_sq (d_in,), z_sq (r,), n_tokens, n_samples)} for low_rank / wanda.
         grads: {module: (sum|dL/dA| (r, d_in), sum|dL/dB| (d_out, r))} for snip / pref_snip.
-        seed: seed of the `random` scores (drawn per module in model order, A then B).
+        seed: seed of the `random` masks: the mask of key "<module>.lora_A" / "<module>.lora_B" is
+            random_row_mask(shape, 1 - s, random_stream(seed, key)), whatever the other modules and their order.
         backend: ops backend; None picks the fastest available.
-        generator: for `random`, a CPU generator to draw from instead of a fresh one seeded with `seed` (a caller
-            that streams modules one at a time passes the same generator for each, in model order).
     Returns:
         {module: (mask_A, mask_B)} in ref_factors' order.
     """
@@ -101,7 +107,7 @@ def masks_from_statistics(
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     preset = resolve_preset(preset)
     if method == "random":
-        return _random_masks(ref_factors, sparsity, seed, backend, generator)
+        return _random_masks(ref_factors, sparsity, seed, backend)
     source: Mapping[str, Any] | None = stats if method in STATISTICS_METHODS else grads
     if source is None:
         need = "stats" if method in STATISTICS_METHODS else "grads"

@@ -75,11 +75,11 @@ class MasksFile:
         names = sorted(self.shapes)
         plan = [(n, torch.uint8, PackedMask.empty(self.shapes[n], "meta").bits.shape) for n in names]
         meta = {MASK_SHAPES_KEY: json.dumps({n: list(self.shapes[n]) for n in names}, sort_keys=True)}
-        self._file = PlannedSafetensors(self.path, plan, meta, create=create)
+        self.planned = PlannedSafetensors(self.path, plan, meta, create=create)
         self._infos: dict[str, Any] | None = None
 
     def write(self, name: str, mask: PackedMask) -> None:
-        self._file.write(name, mask.bits)
+        self.planned.write(name, mask.bits)
 
     def read(self, names: list[str]) -> dict[str, PackedMask]:
         """The masks `names`, read into private memory (no mapping of the whole file is kept)."""
@@ -91,7 +91,7 @@ class MasksFile:
         return {n: PackedMask(read_tensor(self._infos[n]), self.shapes[n]) for n in names}
 
     def close(self) -> None:
-        self._file.close()
+        self.planned.close()
 
 
 def write_card(path: str | os.PathLike[str], *, base_model: str | None, report: Any) -> None:

@@ -29,8 +29,16 @@ def test_cli_realign_with_yaml_and_flag_override(world: World, tmp_path: Path, c
     assert rep.config["seed"] == 3  # the flag wins over the YAML value
     assert rep.config["prune_rate"] == 0.4  # dashes in YAML keys are accepted
     assert rep.counts["restored"] == 7
-    printed = capsys.readouterr().out
-    assert "model.layers.1.mlp.down_proj" in printed and "restored 7 of 14 modules" in printed
+    printed = capsys.readouterr().out  # --quiet: the summary only, no per-module rows
+    assert "restored 7 of 14 modules" in printed and "model.layers.1.mlp.down_proj" not in printed
+
+
+def test_cli_realign_prints_the_module_table_unless_quiet(world: World, tmp_path: Path, capsys) -> None:
+    argv = ["realign", str(world.base), str(world.aligned), str(world.finetuned), str(tmp_path / "out"),
+            "--method", "random", "--selection", "fraction", "--fraction", "0.5"]
+    assert cli.main(argv) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("model.layers.")]
+    assert len(rows) == 14 and sum(line.split()[5] == "yes" for line in rows) == 7
 
 
 def test_cli_realign_with_calibration_flags(world: World, tmp_path: Path) -> None:

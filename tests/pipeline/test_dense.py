@@ -17,7 +17,7 @@ import torch
 import nlsr_fast
 from nlsr_fast import testing
 from nlsr_fast.io import CheckpointReader
-from nlsr_fast.ops import keep_count, load_masks
+from nlsr_fast.ops import keep_count, load_masks, random_row_mask_reference, random_stream
 from nlsr_fast.report import Report
 
 PROJ = re.compile(r"\.(q|k|v|o|gate|up|down)_proj$")
@@ -54,7 +54,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def _check_output(out: Path, w0: dict, wa: dict, wt: dict, *, alpha: float = 0.9, sparsity: float = 0.8,
-                  magnitude: bool = False) -> Report:
+                  magnitude: bool = False, random_seed: int | None = None) -> Report:
     """SPEC §2-§6 of dense mode against the output folder, in fp64 torch."""
     rep = Report.from_json(out / "report.json")
     assert rep.mode == "dense"
@@ -74,6 +74,9 @@ def _check_output(out: Path, w0: dict, wa: dict, wt: dict, *, alpha: float = 0.9
         m = masks[name].to_bool()
         keep = keep_count(m.shape[1], 1.0 - sparsity)
         assert (m.sum(1) == keep).all(), f"{name}: rows keep {m.sum(1).tolist()}, want {keep}"
+        if random_seed is not None:  # SPEC: the reference sampler with the stream of (seed, module name)
+            want = random_row_mask_reference(tuple(m.shape), keep, random_stream(random_seed, name))
+            assert masks[name].equal(want), f"{name}: not the reference sampler's mask"
         e = (1 + alpha) * wa[key].double() - alpha * w0[key].double()
         d_e, d_t = (e - w0[key].double()) * m, (t.double() - w0[key].double()) * m
         cos = float((d_e * d_t).sum() / (d_e.norm() * d_t.norm()))
@@ -102,7 +105,8 @@ def test_dense_methods_follow_spec(dw: DenseWorld, tmp_path: Path, method: str) 
     out = tmp_path / "out"
     rep = nlsr_fast.realign(dw.base, dw.aligned, dw.finetuned, out, method=method, calibration=dw.calibration,
                             nsamples=8, quiet=True, prune_rate=0.6)
-    _check_output(out, _read(dw.base), _read(dw.aligned), _read(dw.finetuned), magnitude=method == "magnitude")
+    _check_output(out, _read(dw.base), _read(dw.aligned), _read(dw.finetuned), magnitude=method == "magnitude",
+                  random_seed=42 if method == "random" else None)  # 42: realign's default seed
     assert rep.config["method"] == method
     from transformers import AutoModelForCausalLM
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import nlsr_fast
 from nlsr_fast.io import LoraAdapter
-from nlsr_fast.ops import load_masks
+from nlsr_fast.ops import keep_count, load_masks, random_row_mask_reference, random_stream
 from nlsr_fast.report import Report
 from nlsr_fast.testing import continue_lora_adapter, make_lora_adapter, make_tiny_llama, write_calibration_jsonl
 
@@ -182,6 +182,10 @@ def test_every_method_end_to_end(world: World, tmp_path: Path, method: str) -> N
         r, d_in = ft.module(name).rank, ft.module(name).d_in
         assert masks[f"{name}.lora_A"].row_counts().tolist() == [d_in - math.floor(0.8 * d_in)] * r
         assert masks[f"{name}.lora_B"].row_counts().tolist() == [r - math.floor(0.8 * r)] * ft.module(name).d_out
+        if method == "random":  # SPEC: the reference sampler, stream (seed, mask key); seed defaults to 42
+            for key, shape in ((f"{name}.lora_A", (r, d_in)), (f"{name}.lora_B", (ft.module(name).d_out, r))):
+                want = random_row_mask_reference(shape, keep_count(shape[1], 0.2), random_stream(42, key))
+                assert masks[key].equal(want), f"{key}: not the reference sampler's mask"
     assert rep.config["method"] == method
 
 

@@ -23,9 +23,9 @@ import os, signal, sys, json
 import nlsr_fast, nlsr_fast.lora, nlsr_fast.dense, nlsr_fast.runs, nlsr_fast.calib.runtime as rt
 nlsr_fast.runs.CALIBRATION_CHECKPOINT_SECONDS = 0.0  # save after every layer (600 s by default)
 target, n = sys.argv[1], int(sys.argv[2])
-owner, attr = {"write_finetuned": (nlsr_fast.lora.LoraSpace, "write_finetuned"),
-               "restore": (nlsr_fast.lora.LoraSpace, "restore"),
-               "dense_restore": (nlsr_fast.dense.DenseSpace, "restore"),
+owner, attr = {"pass1": (nlsr_fast.lora.LoraSpace, "restore_values"),  # once per module in pass 1
+               "pass2": (nlsr_fast.lora.LoraSpace, "write_output"),  # once per output item in pass 2
+               "dense_pass2": (nlsr_fast.dense.DenseSpace, "write_output"),
                "calibration_layer": (rt._Model, "layer")}[target]
 original, calls = getattr(owner, attr), [0]
 def dying(*args, **kwargs):
@@ -57,7 +57,7 @@ def _same_results(a: Path, b: Path) -> None:
     assert [f for f in ma if f["path"] != "report.json"] == [f for f in mb if f["path"] != "report.json"]
 
 
-@pytest.mark.parametrize("target, n, kind", [("write_finetuned", 9, "pass1"), ("restore", 3, "pass2")])
+@pytest.mark.parametrize("target, n, kind", [("pass1", 9, "pass1"), ("pass2", 3, "pass2")])
 def test_lora_run_killed_while_writing_resumes(world: World, tmp_path: Path, target: str, n: int, kind: str) -> None:
     options = {"method": "low_rank", "calibration": str(world.calibration), "nsamples": 16}
     paths = [world.base, world.aligned, world.finetuned]
@@ -97,7 +97,7 @@ def test_dense_run_killed_in_pass2_resumes(dw: DenseWorld, tmp_path: Path) -> No
     paths = [dw.base, dw.aligned, dw.finetuned]
     nlsr_fast.realign(*paths, tmp_path / "whole", quiet=True, **options)
     out = tmp_path / "out"
-    _killed_run("dense_restore", 4, [*paths, out], options)
+    _killed_run("dense_pass2", 4, [*paths, out], options)
     resumed = nlsr_fast.realign(*paths, out, quiet=True, **options)
     assert resumed.counts["resumed_pass1"] == 14 and resumed.counts["resumed_pass2"] == 4
     _same_results(tmp_path / "whole", out)
@@ -106,7 +106,7 @@ def test_dense_run_killed_in_pass2_resumes(dw: DenseWorld, tmp_path: Path) -> No
 def test_partial_of_another_run_is_refused_not_resumed(world: World, tmp_path: Path) -> None:
     paths = [world.base, world.aligned, world.finetuned]
     out = tmp_path / "out"
-    _killed_run("write_finetuned", 3, [*paths, out], {"method": "random"})
+    _killed_run("pass1", 3, [*paths, out], {"method": "random"})
     with pytest.raises(ValueError, match="out.partial exists, left by a run that did not finish with other inputs"):
         nlsr_fast.realign(*paths, out, quiet=True, method="random", seed=7)
     rep = nlsr_fast.realign(*paths, out, quiet=True, method="random", seed=7, overwrite=True)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nlsr_fast import PRESETS, RealignConfig, amplify, restore, select, similarity
-from nlsr_fast.ops import PackedMask, row_topk_mask
+from nlsr_fast.ops import PackedMask, keep_count, random_row_mask_reference, random_stream, row_topk_mask
 from nlsr_fast.pipeline import adaptive_probabilities, changed_entries, masks_from_statistics, rank_positions
 from nlsr_fast.report import ModuleRecord, Report
 
@@ -384,6 +384,35 @@ def test_random_masks_seeded() -> None:
     m3 = masks_from_statistics("random", f, sparsity=0.8, seed=6)
     assert all(m1[k][i].equal(m2[k][i]) for k in f for i in range(2))
     assert not all(m1[k][i].equal(m3[k][i]) for k in f for i in range(2))
+
+
+def test_random_masks_follow_spec() -> None:
+    """Each factor's mask is the reference sampler's, with the stream of (seed, mask key): top 1 - s of each row."""
+    f = _factors(d_in=161, d_out=37)
+    got = masks_from_statistics("random", f, sparsity=0.8, seed=5)
+    for name, (a, b) in f.items():
+        for i, (x, key) in enumerate(((a, f"{name}.lora_A"), (b, f"{name}.lora_B"))):
+            want = random_row_mask_reference(tuple(x.shape), keep_count(x.shape[1], 0.2), random_stream(5, key))
+            assert got[name][i].equal(want), f"{key}: not the reference sampler's mask"
+
+
+def test_random_masks_do_not_depend_on_other_modules_or_order() -> None:
+    f = _factors(n=4)
+    every = masks_from_statistics("random", f, sparsity=0.8, seed=9)
+    names = list(f)
+    alone = {n: masks_from_statistics("random", {n: f[n]}, sparsity=0.8, seed=9)[n] for n in reversed(names)}
+    assert all(every[n][i].equal(alone[n][i]) for n in names for i in range(2))
+
+
+def test_random_masks_under_a_run_wide_triton_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run asking for triton for every op still gets random masks: the op has no Triton kernel by design, so it
+    takes its host backend (argument or NLSR_FAST_BACKEND)."""
+    f = _factors(n=2)
+    want = masks_from_statistics("random", f, sparsity=0.8, seed=3, backend="reference")
+    got = masks_from_statistics("random", f, sparsity=0.8, seed=3, backend="triton")
+    monkeypatch.setenv("NLSR_FAST_BACKEND", "triton")
+    env = masks_from_statistics("random", f, sparsity=0.8, seed=3)
+    assert all(want[n][i].equal(got[n][i]) and want[n][i].equal(env[n][i]) for n in f for i in range(2))
 
 
 def test_masks_from_statistics_errors() -> None:
