@@ -52,6 +52,12 @@ class Dist:
 
         owns = not dist.is_initialized()
         if owns:
+            # Imported once a group exists (transformers.modeling_utils imports it), torch.distributed.fsdp takes
+            # references to the group that destroy_process_group does not drop (torch 2.13): the group's gloo
+            # threads then outlive `close` and, finishing a collective during interpreter exit, abort the process
+            # ("terminate called without an active exception"). Imported first, it takes none.
+            import torch.distributed.fsdp  # noqa: F401
+
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend=backend)
             log.info("torch.distributed: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)

@@ -25,10 +25,11 @@ from .conftest import World
 from .test_dense import DenseWorld, dw  # noqa: F401  (the dense fixture)
 
 
-def _torchrun(args: list[str], tmp: Path) -> subprocess.CompletedProcess[str]:
+def _torchrun(args: list[str], tmp: Path,
+              program: tuple[str, ...] = ("-m", "nlsr_fast")) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "nlsr_fast", "realign", *args, "--quiet"]
+           *program, "realign", *args, "--quiet"]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
     assert run.returncode == 0, run.stderr[-3000:]
     return run
@@ -78,3 +79,28 @@ def test_torchrun_dense_equals_one_process(dw: DenseWorld, tmp_path: Path, metho
                "--calibration", str(dw.calibration), "--nsamples", "8", "--max-shard-bytes", "20000"], tmp_path)
     _same(tmp_path / "one", tmp_path / "two")
     assert len(list((tmp_path / "two").glob("model-*.safetensors"))) > 2
+
+
+# The CLI in-process, then the names of the threads still running: a process group's gloo threads left alive here
+# finish their last collective during interpreter exit and can abort the process there, after a successful run.
+_CLI_THEN_THREADS = """
+import os, sys
+from nlsr_fast.cli import main
+rc = main(sys.argv[1:])
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(f"rank {os.environ['RANK']}: gloo threads after the run: {sorted(n for n in names if 'gloo' in n)}")
+sys.exit(rc)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names are read from /proc")
+@pytest.mark.parametrize("method", ["wanda", "snip"])
+def test_torchrun_leaves_no_process_group_thread_behind(dw: DenseWorld, tmp_path: Path, method: str) -> None:  # noqa: F811
+    # Calibration imports transformers.modeling_utils, which imports torch.distributed.fsdp: imported after the group
+    # was made, that kept the group (and its threads) alive past destroy_process_group (see Dist.from_env).
+    script = tmp_path / "cli_then_threads.py"
+    script.write_text(_CLI_THEN_THREADS, encoding="utf-8")
+    run = _torchrun([str(dw.base), str(dw.aligned), str(dw.finetuned), str(tmp_path / "out"), "--method", method,
+                     "--calibration", str(dw.calibration), "--nsamples", "8"], tmp_path, program=(str(script),))
+    lines = sorted(line for line in run.stdout.splitlines() if "gloo threads after the run" in line)
+    assert lines == ["rank 0: gloo threads after the run: []", "rank 1: gloo threads after the run: []"]
