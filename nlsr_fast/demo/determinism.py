@@ -1,17 +1,23 @@
-"""What the demo pins so that it prints the same table on every machine with the same CPU model and package versions.
+"""What the demo pins so that it prints the same table on every x86-64 machine with AVX2 and the same package versions.
 
 Where the numbers of the demo's float computations come from, and what is pinned. On the 2-core AVX-512 machine,
 MKL's AVX2 path and ATen's AVX2 path each changed the trained weights bit for bit; torch's thread count did not at
 this model's size (its tensors are below torch's grain sizes), but it would for larger ones, and it is pinned too:
 
-- thread counts: torch's intra-op threads (parallel reductions split by thread), MKL's and the C++ ops' OpenMP
-  threads (`csrc/nlsr/lora_masked_cosine.cpp` sums one fp64 Gram per thread, so its last bits depend on the count
-  once rows x columns >= 2**15). Pinned to one: ``OMP_NUM_THREADS=MKL_NUM_THREADS=1`` and ``torch.set_num_threads(1)``
-  (torch and the extension share the one libgomp of the process, so this pins the C++ ops too);
-- the CPU's instruction set: MKL's GEMM kernels, ATen's vectorised kernels (softmax, norms, reductions) and the C++
-  ops each pick an AVX-512, AVX2 or plain path at run time, and the paths may round differently. Pinned to AVX2, which
-  every x86-64 server CPU of the last ten years has: ``MKL_CBWR=AVX2`` (MKL's conditional numerical reproducibility),
-  ``ATEN_CPU_CAPABILITY=avx2``, ``ONEDNN_MAX_CPU_ISA=AVX2``, ``NLSR_FAST_ISA=avx2``;
+- thread counts: torch's intra-op threads (parallel reductions split by thread) and MKL's and the C++ ops' OpenMP
+  threads (the C++ ops are written not to depend on the count; the pin does not rely on it). Pinned to one:
+  ``OMP_NUM_THREADS=MKL_NUM_THREADS=1`` and ``torch.set_num_threads(1)`` (torch and the extension share the one
+  libgomp of the process, so this pins the C++ ops too);
+- the CPU's instruction set and vendor: MKL's GEMM kernels, ATen's vectorised kernels (softmax, norms, reductions)
+  and the C++ ops each pick an AVX-512, AVX2 or plain path at run time, and the paths may round differently; MKL
+  also picks its kernels by CPU vendor. ATen, oneDNN and the C++ ops are pinned to AVX2, which every x86-64 server
+  CPU of the last ten years has: ``ATEN_CPU_CAPABILITY=avx2``, ``ONEDNN_MAX_CPU_ISA=AVX2``, ``NLSR_FAST_ISA=avx2``.
+  MKL is pinned with ``MKL_CBWR=COMPATIBLE``, the branch of its conditional numerical reproducibility that MKL
+  documents as giving the same results on Intel and AMD processors. ``MKL_CBWR=AVX2`` (the pin until 2026-12) does
+  not: under it, a product of four matrices gave other bits on an AMD CPU model (``qemu-x86_64 -cpu EPYC``) than on
+  Intel ones (the host Xeon, ``-cpu Skylake-Server`` and ``-cpu Haswell``), and two AMD EPYC machines printed another
+  demo table than the Intel ones; under COMPATIBLE the emulated CPU models give the same bits, in a product of
+  matrices and in the demo's training (benches/demo_vendor.py, benches/results/demo_vendor.md);
 - random streams: python's ``random``, numpy and torch are seeded at the start of `run_demo` (every training stage
   also seeds its own streams), ``PYTHONHASHSEED=0``; ``torch.use_deterministic_algorithms(True)`` during the demo.
 
@@ -20,11 +26,8 @@ cannot be set from inside a running process: `main` runs the demo in a child pro
 nlsr_fast.demo``) whose environment carries :data:`PINNED_ENV`, unless its own environment already does.
 
 Not pinned (cannot be from here): the versions of torch, transformers, peft and tokenizers (a different transformers
-release may compute attention or a norm differently), a CPU without AVX2 or not x86-64 (the pins then fall back to
-what the CPU has; :func:`numerics` reports it and `results.json` records it under "numerics"), and the CPU vendor:
-two AMD EPYC machines, one with and one without AVX-512, trained the same weights as each other and other weights
-than the earlier Intel AVX-512 machine under the same pins (README "Demo" shows both tables), perhaps because MKL
-picks its kernels by vendor.
+release may compute attention or a norm differently), and a CPU without AVX2 or not x86-64 (the pins then fall back to
+what the CPU has; :func:`numerics` reports it and `results.json` records it under "numerics").
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ __all__ = ["PINNED_ENV", "TORCH_THREADS", "deterministic", "is_pinned", "numeric
 PINNED_ENV: dict[str, str] = {
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
-    "MKL_CBWR": "AVX2",
+    "MKL_CBWR": "COMPATIBLE",
     "ATEN_CPU_CAPABILITY": "avx2",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     "NLSR_FAST_ISA": "avx2",
@@ -113,15 +116,20 @@ def _version(name: str) -> str | None:
         return None
 
 
-def _cpu_model() -> str:
+def _cpu_field(name: str) -> str | None:
+    """A field of /proc/cpuinfo's first processor (None where there is no such file or field)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.split(":", 1)[0].strip() == name:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor()
+    return None
+
+
+def _cpu_model() -> str:
+    return _cpu_field("model name") or platform.processor()
 
 
 def numerics() -> dict[str, Any]:
@@ -146,6 +154,7 @@ def numerics() -> dict[str, Any]:
         "paths_pinned": capability == "AVX2" and ext_isa in ("avx2", None),
         "machine": platform.machine(),
         "cpu": _cpu_model(),
+        "cpu_vendor": _cpu_field("vendor_id"),
         "versions": {name: _version(name) for name in ("torch", "transformers", "peft", "tokenizers", "safetensors",
                                                         "numpy")},
     }
