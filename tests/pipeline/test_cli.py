@@ -15,6 +15,14 @@ from nlsr_fast.report import Report
 from .conftest import World
 
 
+def _sigint_default() -> None:
+    """preexec_fn of the children that get SIGINT: Python makes Ctrl-C a KeyboardInterrupt only when SIGINT is not
+    ignored at its start, and a test run started in the background by a shell without job control ignores it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _args(world: World, out: Path, *extra: str) -> list[str]:
     return ["realign", str(world.base), str(world.aligned), str(world.finetuned), str(out), "--quiet", *extra]
 
@@ -235,7 +243,7 @@ def test_cli_ctrl_c_in_a_real_process(world: World, tmp_path: Path) -> None:
             "from nlsr_fast.cli import main\n"
             "sys.exit(main(sys.argv[1:]))\n")
     proc = subprocess.Popen([sys.executable, "-c", code, *_args(world, out, "--method", "random")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -381,7 +389,7 @@ def test_cli_ctrl_c_during_a_real_run_leaves_nothing(world: World, tmp_path: Pat
     proc = subprocess.Popen([sys.executable, "-m", "nlsr_fast",
                              *_args(world, out, "--calibration", str(world.calibration), "--method", "snip",
                                     "--micro-batch", "1")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default)
     lock = Path(f"{out}.lock")
     while not lock.exists() and proc.poll() is None:
         os.sched_yield()
