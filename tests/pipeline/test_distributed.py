@@ -84,11 +84,12 @@ def test_torchrun_dense_equals_one_process(dw: DenseWorld, tmp_path: Path, metho
 # The CLI in-process, then the names of the threads still running: a process group's gloo threads left alive here
 # finish their last collective during interpreter exit and can abort the process there, after a successful run.
 _CLI_THEN_THREADS = """
-import os, sys
+import json, os, sys
 from nlsr_fast.cli import main
-rc = main(sys.argv[1:])
+rc = main(sys.argv[2:])
 names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
-print(f"rank {os.environ['RANK']}: gloo threads after the run: {sorted(n for n in names if 'gloo' in n)}")
+with open(f"{sys.argv[1]}.{os.environ['RANK']}", "w") as f:  # a file per rank: the ranks share stdout
+    json.dump(sorted(n for n in names if "gloo" in n), f)
 sys.exit(rc)
 """
 
@@ -100,7 +101,8 @@ def test_torchrun_leaves_no_process_group_thread_behind(dw: DenseWorld, tmp_path
     # was made, that kept the group (and its threads) alive past destroy_process_group (see Dist.from_env).
     script = tmp_path / "cli_then_threads.py"
     script.write_text(_CLI_THEN_THREADS, encoding="utf-8")
-    run = _torchrun([str(dw.base), str(dw.aligned), str(dw.finetuned), str(tmp_path / "out"), "--method", method,
-                     "--calibration", str(dw.calibration), "--nsamples", "8"], tmp_path, program=(str(script),))
-    lines = sorted(line for line in run.stdout.splitlines() if "gloo threads after the run" in line)
-    assert lines == ["rank 0: gloo threads after the run: []", "rank 1: gloo threads after the run: []"]
+    threads = tmp_path / "gloo_threads"
+    _torchrun([str(dw.base), str(dw.aligned), str(dw.finetuned), str(tmp_path / "out"), "--method", method,
+               "--calibration", str(dw.calibration), "--nsamples", "8"], tmp_path, program=(str(script), str(threads)))
+    left = {rank: json.loads(Path(f"{threads}.{rank}").read_text()) for rank in (0, 1)}
+    assert left == {0: [], 1: []}
