@@ -13,13 +13,14 @@ if __name__ == "kernels":
     import os
     import sys
 
-    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    _elsewhere = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
+    _here = os.path.dirname(os.path.realpath(__file__))
+    # Every sys.path entry but the folder holding this one (compared resolved: a symlinked spelling of the
+    # repository root would otherwise find this file again, and load it again, without end).
+    _elsewhere = [p for p in sys.path if os.path.realpath(p or os.curdir) != os.path.dirname(_here)]
     _spec = importlib.machinery.PathFinder.find_spec("kernels", _elsewhere)
     if _spec is None or _spec.loader is None:
-        raise ModuleNotFoundError(
-            f"No module named 'kernels' ({os.path.dirname(os.path.abspath(__file__))} is nlsr_fast.kernels, "
-            "not a top-level package)", name="kernels")
+        raise ModuleNotFoundError(f"No module named 'kernels' ({_here} is nlsr_fast.kernels, not a top-level package)",
+                                  name="kernels")
     _installed = importlib.util.module_from_spec(_spec)
     sys.modules["kernels"] = _installed  # the import statement returns what sys.modules holds when this file ends
     _spec.loader.exec_module(_installed)

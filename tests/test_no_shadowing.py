@@ -38,9 +38,19 @@ def test_transformers_imports_from_the_repository_root() -> None:
             "except ModuleNotFoundError:\n    pass\nelse:\n    raise SystemExit('kernels._common imported')", ROOT)
 
 
-def test_without_an_installed_kernels_the_folder_is_not_a_package() -> None:
-    # -I -S: no site-packages, so no Hugging Face kernels; the repository root is first on sys.path.
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\ntry:\n    import kernels\n"
+def test_a_symlinked_repository_root_is_skipped_too(tmp_path: Path) -> None:
+    # The root under a second spelling on sys.path must not be searched again (that loaded this file without end).
+    (tmp_path / "root").symlink_to(ROOT)
+    code = (f"import sys; sys.path.insert(0, {str(tmp_path / 'root')!r})\n"
+            "import transformers.modeling_utils, kernels; print(kernels.__file__)")
+    assert Path(_python(code, ROOT).strip()).resolve() == _installed_kernels
+
+
+def test_without_an_installed_kernels_the_folder_is_not_a_package(tmp_path: Path) -> None:
+    # -I -S: no site-packages, so no Hugging Face kernels; the repository root is first on sys.path, a symlinked
+    # spelling of it second.
+    (tmp_path / "root").symlink_to(ROOT)
+    code = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(tmp_path / 'root')!r}]\ntry:\n    import kernels\n"
             "except ModuleNotFoundError as e:\n    print(e)\nelse:\n    raise SystemExit(kernels.__file__)")
     out = _python(code, ROOT, "-I", "-S")
     assert "nlsr_fast.kernels" in out and "No module named 'kernels'" in out
@@ -59,10 +69,11 @@ def _build(kind: str, tmp: Path) -> Path:
     src = tmp / "src"
     src.mkdir()
     for name in SOURCES:
-        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy2)(
-            ROOT / name, src / name, **({"ignore": shutil.ignore_patterns("__pycache__", "*.so")}
-                                        if (ROOT / name).is_dir() else {}))
-    code = (f"from setuptools import build_meta as b; print(b.build_{kind}({str(tmp / 'dist')!r}))")
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+        else:
+            shutil.copy2(ROOT / name, src / name)
+    code = f"from setuptools import build_meta as b; print(b.build_{kind}({str(tmp / 'dist')!r}))"
     run = subprocess.run([sys.executable, "-c", code], cwd=src, capture_output=True, text=True,
                          env={**os.environ, "NLSR_FAST_NO_EXT": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
