@@ -38,4 +38,6 @@ def main(command: str, freeze: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:]))
+    if len(sys.argv) != 3 or sys.argv[1] not in ("check", "diff"):
+        sys.exit(__doc__)
+    sys.exit(main(sys.argv[1], sys.argv[2]))
