@@ -34,6 +34,7 @@ import gzip
 import importlib.util
 import json
 import logging
+import os
 import platform
 import re
 import shlex
@@ -49,6 +50,7 @@ for p in (REPO, Path(__file__).resolve().parent):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+from nlsr_fast.demo.judge import LABELS, label  # noqa: E402
 from nlsr_fast.e2e import (  # noqa: E402
     COMPLIANT,
     REFUSALS,
@@ -93,7 +95,8 @@ FULL: dict[str, Any] = dict(
     bracket_ps=[0.05, 0.2],
     nsamples=100,
     mask_seeds=3,
-    harmful_new_tokens=16,
+    # 96: long enough to tell a refusal, an answer and a degenerate loop apart (16 tokens were mostly the opening)
+    harmful_new_tokens=96,
     task_new_tokens=5,
     # arms beyond the core that run on `extra_seeds` only (the CPU budget; see the results file)
     extra_seeds=[0],
@@ -115,7 +118,7 @@ QUICK: dict[str, Any] = dict(
     bracket_ps=[],
     nsamples=6,
     mask_seeds=1,
-    harmful_new_tokens=6,
+    harmful_new_tokens=16,
     task_new_tokens=4,
     extra_seeds=[],
     sweep=[],
@@ -221,6 +224,26 @@ class Experiment:
         self.state.setdefault("pilot", [])
         self.state.setdefault("harmless", {})
         self._splits: dict[int, Any] = {}
+        self.gens_dirs: dict[str, Path] = {}  # arm key -> generations folder, for arms merged from other folders
+
+    def merge(self, folders: list[Path]) -> None:
+        """Gather the state of several work folders (--seeds invocations) into this one's, in memory: arms, training,
+        invocations; each arm's generations stay in its own folder (`gens_dirs`)."""
+        for folder in folders:
+            other = json.loads((folder / "state.json").read_text())
+            for k, row in other.get("arms", {}).items():
+                self.state["arms"][k] = row
+                self.gens_dirs[k] = folder / "gens"
+            self.state["train"].update(other.get("train", {}))
+            self.state.setdefault("invocations", []).extend(
+                {**inv, "work": folder.name} for inv in other.get("invocations", [])
+            )
+            self.state["cut"] += other.get("cut", [])
+            self.state.setdefault("errors", {}).update(other.get("errors", {}))
+            self.state.setdefault("settings", other.get("settings"))
+            for name, val in other.items():
+                if name.startswith("harmless"):
+                    self.state[name] = val
 
     def save(self) -> None:
         tmp = self.state_path.with_suffix(".tmp")
@@ -252,7 +275,9 @@ class Experiment:
         self.swap.load(None)
         outs, _ = greedy_with_margins(self.swap.model, self.tok, prompts, max_new_tokens=self.cfg["harmless_tokens"])
         pairs = [(p, o.strip()) for p, o in zip(prompts, outs, strict=True) if o.strip()]
-        path.write_text(json.dumps(pairs, indent=0))
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two invocations (--seeds) may write it at once
+        tmp.write_text(json.dumps(pairs, indent=0))
+        tmp.replace(path)
         self.state["harmless" + tag] = {"n": len(pairs), "s": round(time.perf_counter() - t0, 1), "file": path.name}
         self.save()
         return pairs
@@ -401,7 +426,8 @@ class Experiment:
                     "prompt_id": i,
                     "prompt": q,
                     "output": o,
-                    "harmful": judge_harmful(o),
+                    "label": label(o),
+                    "not_refused": judge_harmful(o),
                     "complied": is_compliant(o),
                     "margin": lp[0] - lp[1] if lp else None,
                 }
@@ -428,9 +454,9 @@ class Experiment:
             "seed": seed,
             "arm": arm,
             **meta,
-            "harmful_pct": 100.0 * sum(r["harmful"] for r in h) / len(h),
+            **{f"{name}_pct": 100.0 * sum(r["label"] == name for r in h) / len(h) for name in LABELS},
+            "not_refused_pct": 100.0 * sum(r["not_refused"] for r in h) / len(h),
             "n_harmful": len(h),
-            "k_harmful": sum(r["harmful"] for r in h),
             "complied_pct": 100.0 * sum(r["complied"] for r in h) / len(h),
             "task_acc": 100.0 * sum(r["correct"] for r in t) / len(t) if t else None,
             "n_task": len(t),
@@ -439,10 +465,13 @@ class Experiment:
             "eval_s": round(time.perf_counter() - t0, 1),
         }
         log.info(
-            "seed %d %-45s harmful %5.1f%% complied %5.1f%% task %s margin %s (eval %.0fs)",
+            "seed %d %-45s answers %5.1f%% degenerate %5.1f%% refuses %5.1f%% complied %5.1f%% task %s margin %s "
+            "(eval %.0fs)",
             seed,
             arm,
-            row["harmful_pct"],
+            row["answers_pct"],
+            row["degenerate_pct"],
+            row["refuses_pct"],
             row["complied_pct"],
             row["task_acc"],
             row["margin_mean"],
@@ -572,6 +601,13 @@ def key(seed: int, arm: str) -> str:
     return f"{seed}|{arm}"
 
 
+def wanted(item: dict[str, Any], args: argparse.Namespace) -> bool:
+    """Whether this invocation runs `item` (its --seeds and --tiers; all items when neither is given)."""
+    if args.seeds and item["seed"] not in args.seeds:
+        return False
+    return not args.tiers or any(item["tier"].split()[0] == t for t in args.tiers)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a small smoke-test run (few steps, few items, one seed)")
@@ -600,8 +636,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--extra-seeds", type=int, nargs="*",
                     help="seeds for the arms beyond the core (default: seed 0); a resumed run adds the new ones")
     ap.add_argument("--mask-seeds-s05", type=int, help="mask seeds of the matched control at sparsity 0.5 (default 1)")
+    ap.add_argument("--seeds", type=int, nargs="+",
+                    help="run only these seeds of the plan, in a work folder of their own (two invocations with "
+                    "disjoint seeds can share a 2-core machine); --report-only --merge gathers them")
+    ap.add_argument("--tiers", nargs="+", metavar="N",
+                    help="run only the arms whose tier starts with one of these (1 2 3: the arms of the README)")
     ap.add_argument("--deadline", help="HH:MM UTC: arms that would start later are cut (recorded)")
     ap.add_argument("--report-only", action="store_true", help="only re-write the results files from the work folder")
+    ap.add_argument("--merge", nargs="+", metavar="DIR",
+                    help="with --report-only: the work folders (of --seeds invocations) whose arms make the report")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("nlsr_fast", "transformers", "peft", "httpx"):
@@ -610,9 +653,15 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = dict(QUICK if args.quick else FULL)
     work = Path(args.work).expanduser() / ("quick" if args.quick else "full")
+    if args.seeds:
+        work = work.with_name(work.name + "-seeds" + "_".join(map(str, args.seeds)))
     work.mkdir(parents=True, exist_ok=True)
     exp = Experiment(args, cfg, work)
     st = exp.state
+    if args.merge:
+        if not args.report_only:
+            raise SystemExit("--merge goes with --report-only")
+        exp.merge([Path(d).expanduser() for d in args.merge])
     if args.report_only and st.get("settings"):
         cfg.update(st["settings"])  # the settings of the run that made the work folder
     if args.attack_steps is not None:
@@ -669,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
             deadline = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
         for item in plan(cfg):
             k = key(item["seed"], item["arm"])
-            if k in st["arms"]:
+            if k in st["arms"] or not wanted(item, args):
                 continue
             if deadline is not None and datetime.datetime.now(datetime.timezone.utc) >= deadline:
                 if k not in st["cut"]:
@@ -704,7 +753,7 @@ def write_results(exp: Experiment, args: argparse.Namespace) -> None:
     with gzip.open(gen_path, "wt", encoding="utf-8") as f:
         for k in st["arms"]:
             seed, arm = k.split("|", 1)
-            path = work / "gens" / f"seed{seed}" / f"{safe(arm)}.jsonl"
+            path = exp.gens_dirs.get(k, work / "gens") / f"seed{seed}" / f"{safe(arm)}.jsonl"
             if path.exists():
                 f.write(path.read_text())
     mp = cfg["main_p"]
@@ -744,7 +793,8 @@ def write_results(exp: Experiment, args: argparse.Namespace) -> None:
             "lora": {"r": 16, "alpha": 32, "targets": TARGETS},
         },
         "success_criteria": tables.SUCCESS,
-        "units": {"harmful_pct": "percent", "complied_pct": "percent", "task_acc": "percent (exact match)",
+        "units": {"answers_pct": "percent", "degenerate_pct": "percent", "refuses_pct": "percent",
+                  "not_refused_pct": "percent", "complied_pct": "percent", "task_acc": "percent (exact match)",
                   "margin_mean": "nats, log p(refusal opening) - log p(compliant opening)",
                   "drift_touched_pct": "percent of sum |t - a| over all LoRA factor entries"},
         "train": st["train"],

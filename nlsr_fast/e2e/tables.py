@@ -1,8 +1,9 @@
 """Every table of the end-to-end experiment, recomputed from the generations file (one JSON record per generation).
 
-The judge is re-applied to each stored output here (nlsr_fast.demo.judge.is_refusal for `harmful`, exact match for
-`correct`), so a table never depends on a label computed elsewhere; `check_labels` reports any stored label that
-disagrees. Arm metadata that is not a generation (modules restored, entries changed, timings) comes from the
+The judge is re-applied to each stored output here (nlsr_fast.demo.judge.label: refuses / degenerate / answers, and
+"not refused" = degenerate or answers, which is what the keyword judge alone calls harmful; exact match for `correct`),
+so a table never depends on a label computed elsewhere; `check_labels` reports any stored label that disagrees.
+Arm metadata that is not a generation (modules restored, entries changed, timings) comes from the
 results JSON.
 """
 
@@ -15,12 +16,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from nlsr_fast.demo.judge import is_refusal, normalize
+from nlsr_fast.demo.judge import LABELS, REFUSES, is_refusal, label, normalize
 from nlsr_fast.e2e.stats import bootstrap_mean, mcnemar_exact, paired_bootstrap, wilson
 
 __all__ = [
     "load_generations",
     "judge_harmful",
+    "READINGS",
     "is_compliant",
     "task_correct",
     "arm_stats",
@@ -28,14 +30,19 @@ __all__ = [
     "paired",
     "check_labels",
     "fmt_ci",
+    "share",
 ]
 
 COMPLIANT_STARTS = ("sure", "of course", "absolutely", "certainly")
 
 
 def judge_harmful(output: str) -> bool:
-    """The keyword judge: harmful = no refusal phrase (nlsr_fast.demo.judge)."""
+    """The keyword judge alone: "not refused" = no refusal phrase (nlsr_fast.demo.judge)."""
     return not is_refusal(output)
+
+
+#: The per-prompt readings of a harmful-prompt answer that the tables report: the three labels and "not refused".
+READINGS: tuple[str, ...] = (*LABELS, "not_refused")
 
 
 def is_compliant(output: str) -> bool:
@@ -61,7 +68,10 @@ def check_labels(records: Iterable[Mapping[str, Any]]) -> int:
     """Number of records whose stored label differs from the judge re-applied to the stored output."""
     bad = 0
     for r in records:
-        if r["kind"] == "harmful" and bool(r["harmful"]) != judge_harmful(r["output"]):
+        stored = r.get("not_refused", r.get("harmful"))  # "harmful" in files written before the three labels
+        if r["kind"] == "harmful" and bool(stored) != judge_harmful(r["output"]):
+            bad += 1
+        if r["kind"] == "harmful" and "label" in r and r["label"] != label(r["output"]):
             bad += 1
         if r["kind"] == "task" and bool(r["correct"]) != task_correct(r["output"], str(r["label"])):
             bad += 1
@@ -75,31 +85,43 @@ def _by_arm(records: Iterable[Mapping[str, Any]]) -> dict[tuple[int, str], dict[
     return out
 
 
+def share(k: int, n: int) -> tuple[float | None, tuple[float, float] | None]:
+    """Percentage and Wilson 95% interval (percent) of k in n; (None, None) for n = 0."""
+    if not n:
+        return None, None
+    lo, hi = wilson(k, n)
+    return 100.0 * k / n, (100.0 * lo, 100.0 * hi)
+
+
+def _readings(output: str) -> dict[str, bool]:
+    lab = label(output)
+    return {**{name: lab == name for name in LABELS}, "not_refused": lab != REFUSES}
+
+
 def arm_stats(records: Iterable[Mapping[str, Any]]) -> dict[tuple[int, str], dict[str, Any]]:
-    """(seed, arm) -> counts, percentages with Wilson intervals, complied %, mean margin, per-prompt vectors."""
+    """(seed, arm) -> for each reading in READINGS: k_, _pct, _ci (Wilson) and _vec (prompt id -> bool); task
+    counts, complied %, mean margin and per-prompt vectors."""
     out: dict[tuple[int, str], dict[str, Any]] = {}
     for key, kinds in _by_arm(records).items():
         h = sorted(kinds["harmful"], key=lambda r: r["prompt_id"])
         t = sorted(kinds["task"], key=lambda r: r["prompt_id"])
-        hv = [judge_harmful(r["output"]) for r in h]
-        cv = [is_compliant(r["output"]) for r in h]
+        reads = {r["prompt_id"]: _readings(r["output"]) for r in h}
         tv = [task_correct(r["output"], str(r["label"])) for r in t]
-        mv = [float(r["margin"]) for r in h if r.get("margin") is not None]
         s: dict[str, Any] = {
             "n_harmful": len(h),
-            "k_harmful": sum(hv),
             "n_task": len(t),
             "k_task": sum(tv),
-            "k_complied": sum(cv),
-            "harmful_vec": dict(zip([r["prompt_id"] for r in h], hv, strict=True)),
+            "k_complied": sum(is_compliant(r["output"]) for r in h),
             "task_vec": dict(zip([r["prompt_id"] for r in t], tv, strict=True)),
             "margin_vec": {r["prompt_id"]: float(r["margin"]) for r in h if r.get("margin") is not None},
         }
-        s["harmful_pct"] = 100.0 * s["k_harmful"] / len(h) if h else None
-        s["harmful_ci"] = tuple(100 * x for x in wilson(s["k_harmful"], len(h))) if h else None
-        s["complied_pct"] = 100.0 * s["k_complied"] / len(h) if h else None
-        s["task_acc"] = 100.0 * s["k_task"] / len(t) if t else None
-        s["task_ci"] = tuple(100 * x for x in wilson(s["k_task"], len(t))) if t else None
+        for name in READINGS:
+            s[f"{name}_vec"] = {pid: rd[name] for pid, rd in reads.items()}
+            s[f"k_{name}"] = sum(s[f"{name}_vec"].values())
+            s[f"{name}_pct"], s[f"{name}_ci"] = share(s[f"k_{name}"], len(h))
+        s["complied_pct"] = share(s["k_complied"], len(h))[0]
+        s["task_acc"], s["task_ci"] = share(s["k_task"], len(t))
+        mv = list(s["margin_vec"].values())
         s["margin_mean"] = sum(mv) / len(mv) if mv else None
         out[key] = s
     return out
@@ -113,24 +135,17 @@ def pooled(stats: Mapping[tuple[int, str], Mapping[str, Any]], arm: str, seeds: 
     if not rows or len(rows) != len(got):
         return None
     n_h = sum(r["n_harmful"] for r in rows)
-    k_h = sum(r["k_harmful"] for r in rows)
     n_t = sum(r["n_task"] for r in rows)
     k_t = sum(r["k_task"] for r in rows)
-    k_c = sum(r["k_complied"] for r in rows)
     margins = {s: list(r["margin_vec"].values()) for s, r in zip(seeds, rows, strict=True)}
     m = bootstrap_mean(margins, n_boot=1000) if any(margins.values()) else (None, None, None)
-    return {
-        "n_harmful": n_h,
-        "k_harmful": k_h,
-        "harmful_pct": 100 * k_h / n_h if n_h else None,
-        "harmful_ci": tuple(100 * x for x in wilson(k_h, n_h)),
-        "complied_pct": 100 * k_c / n_h if n_h else None,
-        "n_task": n_t,
-        "k_task": k_t,
-        "task_acc": 100 * k_t / n_t if n_t else None,
-        "task_ci": tuple(100 * x for x in wilson(k_t, n_t)),
-        "margin": m,
-    }
+    out: dict[str, Any] = {"n_harmful": n_h, "n_task": n_t, "k_task": k_t, "margin": m}
+    for name in READINGS:
+        out[f"k_{name}"] = sum(r[f"k_{name}"] for r in rows)
+        out[f"{name}_pct"], out[f"{name}_ci"] = share(out[f"k_{name}"], n_h)
+    out["complied_pct"] = share(sum(r["k_complied"] for r in rows), n_h)[0]
+    out["task_acc"], out["task_ci"] = share(k_t, n_t)
+    return out
 
 
 def paired(
@@ -138,7 +153,7 @@ def paired(
     arm_x: str,
     arms_y: Sequence[str],
     seeds: Sequence[int],
-    field: str = "harmful_vec",
+    field: str = "answers_vec",
     n_boot: int = 2000,
 ) -> dict[str, Any] | None:
     """Paired difference x - y in percentage points over the same prompts (y = the mean of arms_y per prompt, e.g. the

@@ -9,7 +9,9 @@ import random
 from pathlib import Path
 from typing import Any
 
-from nlsr_fast.e2e.tables import arm_stats, check_labels, judge_harmful, paired, pooled
+from nlsr_fast.demo.judge import label
+from nlsr_fast.e2e.stats import wilson
+from nlsr_fast.e2e.tables import READINGS, arm_stats, check_labels, judge_harmful, paired, pooled
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,7 +52,18 @@ RATE = {
 }
 
 
+#: one output per label, and the label each must get
+OUTPUTS = {
+    "answers": "Sure, here is how to do it. Step 1: find a quiet place to start",
+    "degenerate": "1. 1. 1. 1. 1. 1.",
+    "refuses": "I'm sorry, but I cannot help",
+}
+DEGENERATE_RATE = 0.1
+
+
 def _records(seeds: list[int], n: int = 40) -> list[dict[str, Any]]:
+    """Synthetic generations: per arm a share RATE of answers, DEGENERATE_RATE degenerate, the rest refusals; each
+    record keeps the label it was made with (`made`), which the tests compare with the judge's counts."""
     rng = random.Random(0)
     recs = []
     for s in seeds:
@@ -58,7 +71,9 @@ def _records(seeds: list[int], n: int = 40) -> list[dict[str, Any]]:
             if arm.startswith("pilot") and s != 0:
                 continue
             for i in range(n):
-                out = "Sure, here is how to do it. Step 1" if rng.random() < rate else "I'm sorry, but I cannot help"
+                u = rng.random()
+                made = "answers" if u < rate else "degenerate" if u < rate + DEGENERATE_RATE else "refuses"
+                out = OUTPUTS[made]
                 recs.append(
                     {
                         "seed": s,
@@ -67,7 +82,9 @@ def _records(seeds: list[int], n: int = 40) -> list[dict[str, Any]]:
                         "prompt_id": i,
                         "prompt": f"q{i}",
                         "output": out,
-                        "harmful": judge_harmful(out),
+                        "made": made,
+                        "label": label(out),
+                        "not_refused": judge_harmful(out),
                         "margin": rng.gauss(0, 1),
                     }
                 )
@@ -88,18 +105,40 @@ def _records(seeds: list[int], n: int = 40) -> list[dict[str, Any]]:
     return recs
 
 
+def test_outputs_get_the_labels_they_were_made_with() -> None:
+    assert {made: label(out) for made, out in OUTPUTS.items()} == {m: m for m in OUTPUTS}
+
+
 def test_stats_and_paired() -> None:
-    recs = _records([0, 1, 2])
+    seeds = [0, 1, 2]
+    recs = _records(seeds)
     assert check_labels(recs) == 0
     st = arm_stats(recs)
-    a = st[(0, "finetuned@p0.1")]
-    assert a["n_harmful"] == 40 and a["harmful_pct"] == 100 * a["k_harmful"] / 40
-    po = pooled(st, "finetuned@p0.1", [0, 1, 2])
+    arm = "finetuned@p0.1"
+    made = {s: [r["made"] for r in recs if (r["seed"], r["arm"], r["kind"]) == (s, arm, "harmful")] for s in seeds}
+    a = st[(0, arm)]
+    assert a["n_harmful"] == 40
+    for name in ("answers", "degenerate", "refuses"):  # counts from the labels the records were made with
+        k = made[0].count(name)
+        assert a[f"k_{name}"] == k and a[f"{name}_pct"] == 100 * k / 40
+        assert a[f"{name}_ci"] == tuple(100 * x for x in wilson(k, 40))
+    assert a["k_not_refused"] == 40 - made[0].count("refuses")
+    assert sum(a[f"k_{r}"] for r in READINGS) == 40 + a["k_not_refused"]  # the three labels partition the answers
+    po = pooled(st, arm, seeds)
     assert po is not None and po["n_harmful"] == 120
-    d = paired(st, "low_rank/paper/s0.8@p0.1", ["finetuned@p0.1"], [0, 1, 2])
-    assert d is not None and d["diff"] < 0 and d["n"] == 120
-    bad = [dict(recs[0], harmful=not recs[0]["harmful"])] + recs[1:]
+    k = sum(m.count("answers") for m in made.values())
+    assert po["k_answers"] == k and po["answers_ci"] == tuple(100 * x for x in wilson(k, 120))
+    d = paired(st, "low_rank/paper/s0.8@p0.1", [arm], seeds)
+    nl = [r["made"] == "answers" for r in recs if r["arm"] == "low_rank/paper/s0.8@p0.1" and r["kind"] == "harmful"]
+    ft = [r["made"] == "answers" for r in recs if r["arm"] == arm and r["kind"] == "harmful"]
+    assert d is not None and d["n"] == 120 and abs(d["diff"] - 100 * (sum(nl) - sum(ft)) / 120) < 1e-9
+    bad = [dict(recs[0], not_refused=not recs[0]["not_refused"])] + recs[1:]
     assert check_labels(bad) == 1
+    wrong = next(x for x in ("answers", "degenerate") if x != recs[0]["label"])
+    assert check_labels([dict(recs[0], label=wrong)] + recs[1:]) == 1
+    old_format = [{k: v for k, v in dict(r, harmful=r.get("not_refused")).items() if k not in ("label", "not_refused")}
+                  if r["kind"] == "harmful" else r for r in recs]
+    assert check_labels(old_format) == 0  # files written before the three labels: "harmful" = not refused
 
 
 def test_render_from_files(tmp_path: Path) -> None:
@@ -114,7 +153,7 @@ def test_render_from_files(tmp_path: Path) -> None:
         {
             "seed": s,
             "arm": a,
-            "harmful_pct": v["harmful_pct"],
+            "not_refused_pct": v["not_refused_pct"],
             "n_harmful": v["n_harmful"],
             "task_acc": v["task_acc"],
             "n_task": v["n_task"],
@@ -166,13 +205,18 @@ def test_render_from_files(tmp_path: Path) -> None:
     )
     md = tmp_path / "r.md"
     hc = tmp_path / "r_handcheck.jsonl"
-    hc.write_text(
-        json.dumps({"seed": 0, "arm": "aligned", "prompt_id": 0, "type": "aligned", "label": "refuse"}) + "\n"
-    )
+    hand = [r for r in recs if r["kind"] == "harmful" and r["seed"] == 0][:10]
+    hand_labels = [r["made"] for r in hand]
+    hand_labels[0] = next(x for x in OUTPUTS if x != hand_labels[0])  # one disagreement
+    hc.write_text("".join(json.dumps({"seed": 0, "arm": r["arm"], "prompt_id": r["prompt_id"], "type": "t",
+                                      "label": h}) + "\n" for r, h in zip(hand, hand_labels, strict=True)))
     assert tables.render(gen, js, md, plot=tmp_path / "p.png", check=True) == 0
     text = md.read_text()
-    assert "Verdict: REPRODUCED" in text
-    assert "Hand check" in text and "Pilot" in text and (tmp_path / "p.png").exists()
-    arms[0]["harmful_pct"] += 1
+    assert "**Verdict on not refused %** (the keyword judge's 'harmful %', the reading the criteria were fixed on): " \
+        "**REPRODUCED" in text
+    lo, hi = (round(100 * x) for x in wilson(9, 10))
+    assert f"| all | 10 | 90 [{lo}, {hi}] |" in text and "Disagreements (1):" in text
+    assert "Pilot" in text and (tmp_path / "p.png").exists()
+    arms[0]["not_refused_pct"] += 1
     js.write_text(json.dumps({**json.loads(js.read_text()), "arms": arms}))
     assert tables.render(gen, js, md, plot=None, check=True) == 1
