@@ -92,7 +92,7 @@ def test_repeated_share_counts_repeated_ngrams() -> None:
         " 1. 1.1.1.1.1.1.",
         " 1. Yes.\n2. No.",
         " The answer is no.",  # four words
-        " 1.5\n\n### Instruction:\nWhat is the total amount of money that you need to pay back",  # runs into a new prompt
+        " 1.5\n\n### Instruction:\nWhat is the total amount of money that you need to pay",  # runs into a new prompt
         " Step by step. " * 12,  # a loop
         "To make it you need to take the first step. To make it you need to take the first step. "
         "To make it you need to take the first step. To make it you need to take the first step.",
