@@ -50,7 +50,8 @@ class GuardJudge:
         self.tok.padding_side = "left"
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
-        self.model: Any = AutoModelForCausalLM.from_pretrained(self.path, local_files_only=True)
+        auto: Any = AutoModelForCausalLM  # its from_pretrained is typed for a model argument
+        self.model: Any = auto.from_pretrained(self.path, local_files_only=True)
         self.model.to(device).eval()
         self.device = device
 
