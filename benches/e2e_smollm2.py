@@ -226,25 +226,6 @@ class Experiment:
         self._splits: dict[int, Any] = {}
         self.gens_dirs: dict[str, Path] = {}  # arm key -> generations folder, for arms merged from other folders
 
-    def merge(self, folders: list[Path]) -> None:
-        """Gather the state of several work folders (--seeds invocations) into this one's, in memory: arms, training,
-        invocations; each arm's generations stay in its own folder (`gens_dirs`)."""
-        for folder in folders:
-            other = json.loads((folder / "state.json").read_text())
-            for k, row in other.get("arms", {}).items():
-                self.state["arms"][k] = row
-                self.gens_dirs[k] = folder / "gens"
-            self.state["train"].update(other.get("train", {}))
-            self.state.setdefault("invocations", []).extend(
-                {**inv, "work": folder.name} for inv in other.get("invocations", [])
-            )
-            self.state["cut"] += other.get("cut", [])
-            self.state.setdefault("errors", {}).update(other.get("errors", {}))
-            self.state.setdefault("settings", other.get("settings"))
-            for name, val in other.items():
-                if name.startswith("harmless"):
-                    self.state[name] = val
-
     def save(self) -> None:
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.state, indent=1))
@@ -601,6 +582,27 @@ def key(seed: int, arm: str) -> str:
     return f"{seed}|{arm}"
 
 
+def merge_states(state: dict[str, Any], folders: list[Path]) -> dict[str, Path]:
+    """Gather the state.json of several work folders (--seeds invocations) into `state`: arms, training, invocations,
+    cut arms, errors. Returns arm key -> the generations folder of the work folder that ran it."""
+    gens_dirs: dict[str, Path] = {}
+    for folder in folders:
+        other = json.loads((folder / "state.json").read_text())
+        for k, row in other.get("arms", {}).items():
+            if k in state["arms"]:
+                raise SystemExit(f"--merge: arm {k} of {folder} is already in {gens_dirs.get(k, 'the report folder')}")
+            state["arms"][k] = row
+            gens_dirs[k] = folder / "gens"
+        state["train"].update(other.get("train", {}))
+        state.setdefault("invocations", []).extend({**inv, "work": folder.name} for inv in other.get("invocations", []))
+        state["cut"] += other.get("cut", [])
+        state.setdefault("errors", {}).update(other.get("errors", {}))
+        if other.get("settings"):
+            state.setdefault("settings", other["settings"])
+        state.update({name: v for name, v in other.items() if name.startswith("harmless")})
+    return gens_dirs
+
+
 def wanted(item: dict[str, Any], args: argparse.Namespace) -> bool:
     """Whether this invocation runs `item` (its --seeds and --tiers; all items when neither is given)."""
     if args.seeds and item["seed"] not in args.seeds:
@@ -661,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         if not args.report_only:
             raise SystemExit("--merge goes with --report-only")
-        exp.merge([Path(d).expanduser() for d in args.merge])
+        exp.gens_dirs = merge_states(st, [Path(d).expanduser() for d in args.merge])
     if args.report_only and st.get("settings"):
         cfg.update(st["settings"])  # the settings of the run that made the work folder
     if args.attack_steps is not None:
