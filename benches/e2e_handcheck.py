@@ -51,6 +51,17 @@ def sample(gen: Path, arms: list[str], n: int, seed: int) -> list[dict]:
     return out
 
 
+def read_letters(path: Path) -> list[str]:
+    """The labels file: one line per item, `N x` (item number, letter) or the letter alone, in item order."""
+    letters = []
+    for n, line in enumerate(x for x in path.read_text().splitlines() if x.strip()):
+        *num, c = line.split()
+        if c not in LETTERS or (num and num != [str(n)]):
+            raise SystemExit(f"{path}: line {n + 1} {line!r}: expected '{n} r|a|d'")
+        letters.append(c)
+    return letters
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cmd", choices=["sample", "apply"])
@@ -68,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not a.labels:
         raise SystemExit("apply needs the labels file")
-    letters = [c for c in Path(a.labels).read_text() if c in LETTERS]
+    letters = read_letters(Path(a.labels))
     if len(letters) != len(items):
         raise SystemExit(f"{a.labels}: {len(letters)} labels (r/a/d) for {len(items)} items")
     with open(a.out, "w") as f:
