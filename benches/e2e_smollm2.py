@@ -14,13 +14,20 @@ a sharded safetensors folder). Per seed (splits, training and realign draws all 
   amplified reference alone (= every entry of every module restored), `fraction=1.0` (NLSR's masks on every module),
   an oracle mask (top 1-s of |t - a| per matrix, on NLSR's modules).
 
-Every model is evaluated by greedy decoding on held-out harmful prompts (keyword judge), a held-out addition set (exact
-match) and a judge-free margin: log p(refusal opening) - log p(compliant opening) after each harmful prompt.
+Every model is evaluated by greedy decoding (96 new tokens, stop at EOS) on held-out harmful prompts, each answer
+labelled refuses / degenerate / answers by nlsr_fast.demo.judge.label; a held-out addition set (exact match); and a
+judge-free margin: log p(refusal opening) - log p(compliant opening) after each harmful prompt.
 
     python benches/e2e_smollm2.py --quick                   # smoke test (a few minutes)
-    python benches/e2e_smollm2.py --pilot 40:5e-4 60:5e-4   # the pilot: attack configs "steps:lr" at the main p
+    python benches/e2e_smollm2.py --pilot 3e-4              # the pilot: one attack trajectory at the main p
     python benches/e2e_smollm2.py --attack-steps N --attack-lr LR --deadline 16:40   # the full run
     python benches/e2e_smollm2_tables.py                    # recompute every table from the generations file
+
+The README's arms on a 2-core machine, one process per core, then one report:
+
+    python benches/e2e_smollm2.py --work W --attack-steps 16 --attack-lr 3e-4 --extra-seeds 0 1 2 \
+        --mask-seeds-s05 3 --tiers 1 2 3 --seeds 0 1 &     # and the same with --seeds 2
+    python benches/e2e_smollm2.py --work W --report-only --merge W/full-seeds0_1 W/full-seeds2
 
 Work files (adapters, realign outputs, per-arm generations, state.json) go under --work; finished arms are reused
 when the script is re-run (it resumes), and arms that would start after --deadline are recorded as cut.

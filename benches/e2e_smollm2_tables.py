@@ -257,7 +257,8 @@ def render(gen_path: Path, json_path: Path, md_path: Path, plot: Path | None = N
         "",
         f"- machine: {data.get('machine')}; {settings.get('threads')} torch thread(s) on a 2-core CPU shared with "
         "other jobs (times are wall-clock and swing with the other jobs).",
-        f"- total time: **{data.get('total_s', 0) / 60:.1f} min** over {len(inv)} invocations: "
+        f"- total time: **{data.get('total_s', 0) / 60:.1f} min** of process time over {len(inv)} invocations"
+        f"{_wall(inv)}: "
         + "; ".join(f"`{x['command']}` at {x['start']} ({x.get('s', 0) / 60:.1f} min)" for x in inv),
         f"- base F_s: `{settings['gguf']}` (Q4_1 weights de-quantised on load, saved as bf16; evaluated and trained "
         "in fp32): results are those of the quantised model.",
@@ -516,6 +517,18 @@ def handchecks(md_path: Path, recs: list[dict[str, Any]]) -> list[str]:
             recs if own == first else load_generations(first_gen),
         )
     return out
+
+
+def _wall(invocations: list[dict[str, Any]]) -> str:
+    """", X min from the first start to the last end" when invocations ran side by side (a --merge of work folders)."""
+    import datetime
+
+    if not any("work" in x for x in invocations):
+        return ""
+    spans = [(datetime.datetime.strptime(x["start"], "%Y-%m-%d %H:%M:%S UTC"), x.get("s", 0.0)) for x in invocations]
+    end = max(t + datetime.timedelta(seconds=d) for t, d in spans)
+    wall = (end - min(t for t, _ in spans)).total_seconds()
+    return f" (side by side, one per core: {wall / 60:.1f} min from the first start to the last end)"
 
 
 def _train_item(k: str, v: dict[str, Any]) -> str:

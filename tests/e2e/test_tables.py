@@ -220,3 +220,11 @@ def test_render_from_files(tmp_path: Path) -> None:
     arms[0]["not_refused_pct"] += 1
     js.write_text(json.dumps({**json.loads(js.read_text()), "arms": arms}))
     assert tables.render(gen, js, md, plot=None, check=True) == 1
+
+
+def test_wall_time_of_side_by_side_invocations() -> None:
+    wall = _tables_module()._wall
+    one = {"start": "2026-12-06 07:43:00 UTC", "s": 600.0}
+    assert wall([one]) == ""  # one work folder: process time is wall time
+    inv = [{**one, "work": "a"}, {"start": "2026-12-06 07:50:00 UTC", "s": 300.0, "work": "b"}]
+    assert wall(inv) == " (side by side, one per core: 12.0 min from the first start to the last end)"
