@@ -409,7 +409,8 @@ def render(gen_path: Path, json_path: Path, md_path: Path, plot: Path | None = N
             (f"low_rank/paper/s0.8@p{p:g}", f"NLSR p={p:g}"),
             (f"matched_control/m0/s0.8@p{p:g}", f"matched control p={p:g}"),
         ]
-    if br:
+    br_rows = arm_table(br, stats, meta, extra)[2:]  # without the header: empty when no bracket arm ran
+    if br_rows:
         L += [f"## Other attack strengths (seeds {extra}), sparsity 0.8", "", *arm_table(br, stats, meta, extra), ""]
     # amplification + sweep
     sw = [(f"amp_official/low_rank/paper/s0.8@p{mp:g}", "official amplification (×2α per factor), paper otherwise")]
