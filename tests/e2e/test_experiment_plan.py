@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _script() -> Any:
-    spec = importlib.util.spec_from_file_location("e2e_smollm2", REPO / "benches" / "e2e_smollm2.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from ._helpers import bench_script
 
 
 def test_readme_arms_are_tiers_1_to_3() -> None:
-    e = _script()
+    e = bench_script("e2e_smollm2")
     cfg = {**e.FULL, "extra_seeds": [0, 1, 2], "mask_seeds_s05": 3, "attack_steps": 16, "attack_lr": 3e-4}
     items = e.plan(cfg)
     args = argparse.Namespace(seeds=None, tiers=["1", "2", "3"])
@@ -46,7 +37,7 @@ def _folder(path: Path, arms: dict[str, Any], train: dict[str, Any]) -> Path:
 
 
 def test_merge_states(tmp_path: Path) -> None:
-    e = _script()
+    e = bench_script("e2e_smollm2")
     a = _folder(tmp_path / "full-seeds0_1", {"0|aligned": {"x": 1}, "1|aligned": {"x": 2}}, {"seed0/aligned": {}})
     b = _folder(tmp_path / "full-seeds2", {"2|aligned": {"x": 3}}, {"seed2/aligned": {}})
     state: dict[str, Any] = {"arms": {}, "train": {}, "cut": [], "invocations": []}

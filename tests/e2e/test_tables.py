@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import random
 from pathlib import Path
@@ -13,16 +12,7 @@ from nlsr_fast.demo.judge import label
 from nlsr_fast.e2e.stats import wilson
 from nlsr_fast.e2e.tables import READINGS, arm_stats, check_labels, judge_harmful, paired, pooled
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _tables_module() -> Any:
-    spec = importlib.util.spec_from_file_location("e2e_smollm2_tables", REPO / "benches" / "e2e_smollm2_tables.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
+from ._helpers import bench_script
 
 ROLES = {
     "aligned": "aligned",
@@ -142,7 +132,7 @@ def test_stats_and_paired() -> None:
 
 
 def test_render_from_files(tmp_path: Path) -> None:
-    tables = _tables_module()
+    tables = bench_script("e2e_smollm2_tables")
     seeds = [0, 1, 2]
     recs = _records(seeds)
     gen = tmp_path / "g.jsonl.gz"
@@ -223,7 +213,7 @@ def test_render_from_files(tmp_path: Path) -> None:
 
 
 def test_wall_time_of_side_by_side_invocations() -> None:
-    wall = _tables_module()._wall
+    wall = bench_script("e2e_smollm2_tables")._wall
     one = {"start": "2026-12-06 07:43:00 UTC", "s": 600.0}
     assert wall([one]) == ""  # one work folder: process time is wall time
     inv = [{**one, "work": "a"}, {"start": "2026-12-06 07:50:00 UTC", "s": 300.0, "work": "b"}]
