@@ -474,6 +474,7 @@ def render(gen_path: Path, json_path: Path, md_path: Path, plot: Path | None = N
             )
         L.append("")
     # hand check
+    L += classifier_section(md_path.with_name(md_path.stem + "_classifier.jsonl"), recs, seeds)
     L += handchecks(md_path, recs)
     reading = md_path.with_name(md_path.stem + "_reading.md")
     if reading.exists():
@@ -482,6 +483,39 @@ def render(gen_path: Path, json_path: Path, md_path: Path, plot: Path | None = N
     for p in problems:
         print("PROBLEM:", p, file=sys.stderr)
     return 1 if (check and problems) else 0
+
+
+def classifier_section(path: Path, recs: list[dict[str, Any]], seeds: list[int]) -> list[str]:
+    """The fourth reading, when a classifier's verdicts are next to the results (`python -m
+    nlsr_fast.demo.classifier ... --out <stem>_classifier.jsonl`): unsafe % per arm, pooled over `seeds`, and how
+    its verdicts split over the three labels."""
+    if not path.exists():
+        return []
+    verdicts = {(v["seed"], v["arm"], v["prompt_id"]): v for v in map(json.loads, path.read_text().splitlines())}
+    models = sorted({str(v.get("model")) for v in verdicts.values()})
+    rows: dict[str, list[tuple[str, bool | None]]] = {}
+    for r in recs:
+        v = verdicts.get((r["seed"], r["arm"], r["prompt_id"]))
+        if r["kind"] == "harmful" and r["seed"] in seeds and v is not None:
+            rows.setdefault(r["arm"], []).append((label(r["output"]), v["unsafe"]))
+    out = [
+        "## Classifier reading",
+        "",
+        f"Verdicts of {', '.join(f'`{m}`' for m in models)} (`{path.name}`), pooled over seeds {seeds}: unsafe % of "
+        "the parsed verdicts, and the unsafe share within each label of the judge.",
+        "",
+        "| arm | n | unsafe % [Wilson 95%] | unparsed | " + " | ".join(f"unsafe among {lab}" for lab in LABELS) + " |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arm, xs in sorted(rows.items()):
+        parsed = [(lab, u) for lab, u in xs if u is not None]
+        k = sum(u for _, u in parsed)
+        within = [[u for lab2, u in parsed if lab2 == lab] for lab in LABELS]
+        out.append(
+            f"| `{arm}` | {len(xs)} | {fmt_ci(*share(k, len(parsed)))} | {len(xs) - len(parsed)} | "
+            + " | ".join(f"{sum(w)}/{len(w)}" for w in within) + " |"
+        )
+    return out + [""]
 
 
 #: the first run's hand check (16-token answers) and its generations, re-labelled by today's judge

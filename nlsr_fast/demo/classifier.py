@@ -9,11 +9,13 @@ a template. No classifier weights ship inside a package on the index, and nothin
 local folder (or an id already in the local Hugging Face cache).
 
     python -m nlsr_fast.demo.classifier --model /models/Llama-Guard-3-1B \\
-        --generations benches/results/e2e_smollm2_generations.jsonl.gz --out unsafe.jsonl
+        --generations benches/results/e2e_smollm2_generations.jsonl.gz \\
+        --out benches/results/e2e_smollm2_classifier.jsonl
 
 prints, per arm, the share of answers the classifier calls unsafe with its Wilson 95% interval, and writes one line
-per answer (seed, arm, prompt id, verdict) to --out. A reply that starts with neither word is counted as unparsed and
-shown, never silently read as safe.
+per answer (seed, arm, prompt id, verdict, reply, model) to --out. Written next to the experiment's results as
+``e2e_smollm2_classifier.jsonl``, it becomes the "Classifier reading" section of ``benches/e2e_smollm2_tables.py``'s
+output. A reply that starts with neither word is counted as unparsed and shown, never silently read as safe.
 """
 
 from __future__ import annotations
@@ -83,8 +85,7 @@ class GuardJudge:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nlsr_fast.e2e.stats import wilson
-    from nlsr_fast.e2e.tables import load_generations
+    from nlsr_fast.e2e.tables import fmt_ci, load_generations, share
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="local folder of a Llama-Guard-format classifier")
@@ -103,17 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     print("| arm | n | unsafe % [Wilson 95%] | unparsed |\n|---|---|---|---|")
     for arm, vs in sorted(by_arm.items()):
         parsed = [v for v in vs if v is not None]
-        k, n = sum(parsed), len(parsed)
-        lo, hi = wilson(k, n)
-        share = f"{100 * k / n:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]" if n else "—"
-        print(f"| `{arm}` | {len(vs)} | {share} | {len(vs) - n} |")
+        print(f"| `{arm}` | {len(vs)} | {fmt_ci(*share(sum(parsed), len(parsed)))} | {len(vs) - len(parsed)} |")
     unparsed = [x for x, v in zip(replies, verdicts, strict=True) if v is None]
     for x in unparsed[:5]:
         print(f"unparsed reply: {x!r}")
     if a.out:
         rows: list[dict[str, Any]] = [
-            {"seed": r["seed"], "arm": r["arm"], "prompt_id": r["prompt_id"], "unsafe": v}
-            for r, v in zip(recs, verdicts, strict=True)
+            {"seed": r["seed"], "arm": r["arm"], "prompt_id": r["prompt_id"], "unsafe": v, "reply": x,
+             "model": judge.path}
+            for r, v, x in zip(recs, verdicts, replies, strict=True)
         ]
         Path(a.out).write_text("".join(json.dumps(x) + "\n" for x in rows))
     return 0

@@ -218,3 +218,25 @@ def test_wall_time_of_side_by_side_invocations() -> None:
     assert wall([one]) == ""  # one work folder: process time is wall time
     inv = [{**one, "work": "a"}, {"start": "2026-12-06 07:50:00 UTC", "s": 300.0, "work": "b"}]
     assert wall(inv) == " (side by side, one per core: 12.0 min from the first start to the last end)"
+
+
+def test_classifier_section(tmp_path: Path) -> None:
+    tables = bench_script("e2e_smollm2_tables")
+    recs = _records([0, 1])
+    harmful = [r for r in recs if r["kind"] == "harmful"]
+    path = tmp_path / "r_classifier.jsonl"
+    assert tables.classifier_section(path, recs, [0, 1]) == []  # no verdicts: no section
+    # the classifier calls every "answers" unsafe, every other label safe, and cannot parse prompt 0 of seed 1
+    path.write_text("".join(json.dumps({"seed": r["seed"], "arm": r["arm"], "prompt_id": r["prompt_id"],
+                                        "unsafe": None if (r["seed"], r["prompt_id"]) == (1, 0) else
+                                        r["made"] == "answers", "model": "m"}) + "\n" for r in harmful))
+    text = "\n".join(tables.classifier_section(path, recs, [0, 1]))
+    arm = "finetuned@p0.1"
+    mine = [r for r in harmful if r["arm"] == arm]
+    parsed = [r for r in mine if (r["seed"], r["prompt_id"]) != (1, 0)]
+    k = sum(r["made"] == "answers" for r in parsed)
+    lo, hi = (100 * x for x in wilson(k, len(parsed)))
+    n = {lab: sum(r["made"] == lab for r in parsed) for lab in OUTPUTS}
+    assert (f"| `{arm}` | 80 | {100 * k / len(parsed):.1f} [{lo:.1f}, {hi:.1f}] | 1 | 0/{n['refuses']} | "
+            f"0/{n['degenerate']} | {n['answers']}/{n['answers']} |") in text
+    assert "Verdicts of `m`" in text
