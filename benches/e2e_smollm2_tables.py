@@ -34,15 +34,8 @@ from nlsr_fast.demo.judge import (  # noqa: E402
     REPEAT_N,
     label,
 )
-from nlsr_fast.e2e.tables import (  # noqa: E402
-    arm_stats,
-    check_labels,
-    fmt_ci,
-    load_generations,
-    paired,
-    pooled,
-    share,
-)
+from nlsr_fast.e2e.tables import arm_stats, check_labels, load_generations, paired, pooled  # noqa: E402
+from nlsr_fast.stats import fmt_ci, share  # noqa: E402
 
 #: fixed before the full run (issue 9), evaluated by `verdict`
 SUCCESS = {

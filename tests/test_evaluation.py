@@ -13,8 +13,8 @@ import torch
 
 from nlsr_fast.cli import main
 from nlsr_fast.demo.judge import LABELS, label, normalize
-from nlsr_fast.e2e.stats import wilson
 from nlsr_fast.evaluation import bundled_prompts, greedy_with_margins
+from nlsr_fast.stats import wilson
 from nlsr_fast.testing import make_lora_adapter, make_tiny_llama
 
 from .demo.test_classifier import _classifier

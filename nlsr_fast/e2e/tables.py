@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from nlsr_fast.demo.judge import LABELS, REFUSES, is_refusal, label, normalize
-from nlsr_fast.e2e.stats import bootstrap_mean, mcnemar_exact, paired_bootstrap, wilson
+from nlsr_fast.stats import bootstrap_mean, mcnemar_exact, paired_bootstrap, share
 
 __all__ = [
     "load_generations",
@@ -29,8 +29,6 @@ __all__ = [
     "pooled",
     "paired",
     "check_labels",
-    "fmt_ci",
-    "share",
 ]
 
 COMPLIANT_STARTS = ("sure", "of course", "absolutely", "certainly")
@@ -83,14 +81,6 @@ def _by_arm(records: Iterable[Mapping[str, Any]]) -> dict[tuple[int, str], dict[
     for r in records:
         out[(int(r["seed"]), str(r["arm"]))][r["kind"]].append(r)
     return out
-
-
-def share(k: int, n: int) -> tuple[float | None, tuple[float, float] | None]:
-    """Percentage and Wilson 95% interval (percent) of k in n; (None, None) for n = 0."""
-    if not n:
-        return None, None
-    lo, hi = wilson(k, n)
-    return 100.0 * k / n, (100.0 * lo, 100.0 * hi)
 
 
 def _readings(output: str) -> dict[str, bool]:
@@ -189,11 +179,3 @@ def paired(
         "mcnemar_c": c,
         "mcnemar_p": mcnemar_exact(b, c),
     }
-
-
-def fmt_ci(v: float | None, ci: Sequence[float] | None, digits: int = 1) -> str:
-    if v is None:
-        return "—"
-    if ci is None:
-        return f"{v:.{digits}f}"
-    return f"{v:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"

@@ -1,4 +1,5 @@
-"""Interval statistics of the end-to-end experiment: Wilson intervals, stratified (paired) bootstrap, exact McNemar.
+"""Interval statistics for evaluations: Wilson intervals, stratified (paired) bootstrap, exact McNemar, and the
+percent-with-interval helpers the tables print (`share`, `fmt_ci`).
 
 Plain Python + the standard library (no numpy needed), so the tables can be recomputed anywhere.
 """
@@ -10,7 +11,7 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["wilson", "bootstrap_mean", "paired_bootstrap", "mcnemar_exact"]
+__all__ = ["wilson", "bootstrap_mean", "paired_bootstrap", "mcnemar_exact", "share", "fmt_ci"]
 
 
 def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -78,3 +79,19 @@ def mcnemar_exact(b: int, c: int) -> float:
     k = min(b, c)
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n
     return min(1.0, 2.0 * tail)
+
+
+def share(k: int, n: int) -> tuple[float | None, tuple[float, float] | None]:
+    """Percentage and Wilson 95% interval (percent) of k in n; (None, None) for n = 0."""
+    if not n:
+        return None, None
+    lo, hi = wilson(k, n)
+    return 100.0 * k / n, (100.0 * lo, 100.0 * hi)
+
+
+def fmt_ci(v: float | None, ci: Sequence[float] | None, digits: int = 1) -> str:
+    if v is None:
+        return "—"
+    if ci is None:
+        return f"{v:.{digits}f}"
+    return f"{v:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"

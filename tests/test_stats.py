@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from nlsr_fast.e2e.stats import bootstrap_mean, mcnemar_exact, paired_bootstrap, wilson
+from nlsr_fast.stats import bootstrap_mean, mcnemar_exact, paired_bootstrap, wilson
 
 
 def test_wilson_known_values() -> None:
