@@ -155,9 +155,16 @@ def bundled_prompts(name: str) -> list[str]:
     return out
 
 
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
+
+
 def _json_lines(path: Path) -> list[dict[str, Any]]:
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -184,7 +191,7 @@ def load_prompts(source: str) -> list[str]:
                 raise ValueError(f"{path}:{row['_line']}: needs a non-empty string field \"prompt\"")
             prompts.append(row["prompt"])
     else:
-        prompts = [x.strip() for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        prompts = [x.strip() for x in _text(path).splitlines() if x.strip()]
     if not prompts:
         raise ValueError(f"--harmful {path}: no prompts in the file")
     return prompts
@@ -279,12 +286,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _is_model(name: str) -> bool:
+    """A folder, or something that can be a Hugging Face id (org/name) for the local cache."""
+    return Path(name).is_dir() or (name.count("/") == 1 and not Path(name).exists())
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Every option, before any file is read or model loaded: ValueError / FileNotFoundError naming the option."""
+    for opt in ("limit", "batch", "max_new_tokens", "task_new_tokens"):
+        value = getattr(args, opt)
+        if value is not None and value < 1:
+            raise ValueError(f"--{opt.replace('_', '-')} must be at least 1, got {value}")
+    if not _is_model(args.model):
+        raise FileNotFoundError(f"MODEL {args.model}: not a folder, nor an org/name id")
+    if Path(args.model).is_dir() and not (Path(args.model) / "config.json").is_file():
+        raise FileNotFoundError(f"MODEL {args.model}: no config.json there (not a model folder)")
+    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"--adapter {args.adapter}: no adapter_config.json there (not a PEFT adapter folder)")
+    if args.judge != "keyword" and not _is_model(args.judge):
+        raise FileNotFoundError(f"--judge {args.judge}: not 'keyword', a folder or a Hugging Face id")
+    if args.task_regex is not None:
+        try:
+            re.compile(args.task_regex)
+        except re.error as exc:
+            raise ValueError(f"--task-regex {args.task_regex!r}: {exc}") from None
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device here")
+
+
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    auto: Any = AutoModelForCausalLM  # its from_pretrained is typed for a model argument
-    model = auto.from_pretrained(args.model, local_files_only=True, dtype=getattr(torch, args.dtype))
+    try:
+        tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+        auto: Any = AutoModelForCausalLM  # its from_pretrained is typed for a model argument
+        model = auto.from_pretrained(args.model, local_files_only=True, dtype=getattr(torch, args.dtype))
+    except (OSError, ValueError) as exc:  # an id that is not in the local cache, a folder without a tokenizer
+        raise ValueError(f"MODEL {args.model}: cannot load it locally: {str(exc).splitlines()[0]}") from None
     if args.adapter:
         from peft import PeftModel
 
@@ -314,11 +352,10 @@ def run(args: argparse.Namespace) -> int:
     """Everything the command does; bad input raises ValueError / FileNotFoundError before any model is loaded."""
     from nlsr_fast.demo.judge import label
 
+    check_options(args)
     prompts = load_prompts(args.harmful)[: args.limit]
     task = load_task(args.task)[: args.limit] if args.task else []
     regex = re.compile(args.task_regex) if args.task_regex else None
-    if args.judge != "keyword" and not Path(args.judge).exists() and "/" not in args.judge:
-        raise FileNotFoundError(f"--judge {args.judge}: not 'keyword', a folder or a Hugging Face id")
     model, tok = _load_model(args)
     outs = _answers(model, tok, prompts, args, args.max_new_tokens, "harmful")
     harmful: list[dict[str, Any]] = [

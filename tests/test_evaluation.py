@@ -139,17 +139,23 @@ def test_bundled_prompt_sets() -> None:
         ({"h.txt": "a\n", "t.jsonl": '{"prompt": "q"}\n'}, ["--harmful", "h.txt", "--task", "t.jsonl"],
          r"t\.jsonl:1: needs \"prompt\" \(string\) and \"answer\""),
         ({"h.txt": "a\n"}, ["--harmful", "h.txt", "--judge", "guard"], r"--judge guard: not 'keyword'"),
+        ({"h.txt": b"caf\xe9\n"}, ["--harmful", "h.txt"], r"h\.txt: not UTF-8 text \(byte 0xe9 at offset 3\)"),
+        ({"h.txt": "a\n"}, ["--harmful", "h.txt", "--limit", "0"], r"--limit must be at least 1, got 0"),
+        ({"h.txt": "a\n"}, ["--harmful", "h.txt", "--batch", "-1"], r"--batch must be at least 1, got -1"),
+        ({"h.txt": "a\n"}, ["--harmful", "h.txt", "--task-regex", "(x"], r"--task-regex '\(x': missing \)"),
+        ({"h.txt": "a\n"}, ["--harmful", "h.txt", "--adapter", "nowhere"], r"--adapter nowhere: no adapter_config"),
     ],
 )
 def test_bad_input_exit_2_before_loading_the_model(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], files: dict[str, str],
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], files: dict[str, Any],
     args: list[str], message: str,
 ) -> None:
     monkeypatch.chdir(tmp_path)
     for name, text in files.items():
-        (tmp_path / name).write_text(text)
-    # the model folder does not exist: the input error must be found first
-    assert main(["eval", str(tmp_path / "no-model"), *args]) == 2
+        (tmp_path / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    (tmp_path / "model").mkdir()  # a config.json alone: the input error must be found before loading it fails
+    (tmp_path / "model" / "config.json").write_text("{}")
+    assert main(["eval", str(tmp_path / "model"), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("nlsr-fast eval: error: ") and re.search(message, err[0])
 
@@ -168,3 +174,22 @@ def test_score_counts_each_label_and_the_classifier() -> None:
         assert s[name][0] == 100 * k / 10 and s[name][1] == tuple(100 * x for x in wilson(k, 10))
     assert s["unsafe"][0] == 100 * 5 / 9 and s["unparsed"] == 1  # the unparsed verdict is left out, and counted
     assert s["task_accuracy"][0] == 100 * 2 / 3
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [("missing/twice/nested", r"MODEL .*: not a folder, nor an org/name id"),
+     ("empty", r"MODEL .*empty: no config\.json there"),
+     ("org/absent", r"MODEL .*org/absent: cannot load it locally: ")],
+)
+def test_a_model_that_cannot_load_is_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], model: str, message: str
+) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "h.txt").write_text("a\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: the id is not in it
+    assert main(["eval", model, "--harmful", "h.txt", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0])
