@@ -193,3 +193,10 @@ def test_a_model_that_cannot_load_is_exit_2(
     assert main(["eval", model, "--harmful", "h.txt", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(message, err[0])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_exit_2(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "h.txt").write_text("a\n")
+    assert main(["eval", str(tiny), "--harmful", str(tmp_path / "h.txt"), "--device", "cuda", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == "nlsr-fast eval: error: --device cuda: no CUDA device here"
