@@ -120,6 +120,7 @@ class _Inputs:
     calibration: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
     extra_records: list[dict[str, Any]] = field(default_factory=list)
+    hub: dict[str, dict[str, Any]] = field(default_factory=dict)  # role -> Hub id, revision, commit (report.json)
 
     def files(self, role: str) -> list[Path]:
         model = {"finetuned": self.finetuned, "aligned": self.aligned, "reference": self.reference}.get(role)
@@ -322,8 +323,14 @@ def realign_with_config(
     from nlsr_fast.io.lock import OutputLock
 
     t_start = time.perf_counter()
-    base_p, aligned_p, ft_p, out_p = Path(base), Path(aligned), Path(finetuned), Path(out)
-    ref_p = Path(reference) if reference is not None else None
+    from nlsr_fast.io.hub import resolve
+
+    specs = {"base": base, "aligned": aligned, "finetuned": finetuned, "reference": reference}
+    found = {role: resolve(spec, role) for role, spec in specs.items() if spec is not None}  # local path, or Hub id
+    hub = {role: r.record() for role, r in found.items() if r.repo_id is not None}
+    base_p, aligned_p, ft_p = found["base"].path, found["aligned"].path, found["finetuned"].path
+    out_p = Path(out)
+    ref_p = found["reference"].path if "reference" in found else None
     calib_p = Path(calibration) if calibration is not None else None
     input_paths = [p for p in (base_p, aligned_p, ft_p, ref_p, calib_p) if p is not None]
     dist = Dist.from_env(_resolve_device(config.device)) if not dry_run else Dist()
@@ -335,6 +342,7 @@ def realign_with_config(
         nonfinite = NonFinite(config.allow_nonfinite)
         if dry_run:
             inputs = _open_inputs(config, base_p, aligned_p, ft_p, ref_p, calib_p, nonfinite)
+            inputs.hub = hub
             return _dry_run(config, inputs, out_p)
         with contextlib.ExitStack() as stack:
             # One lock per output, held by rank 0 for the whole job.
@@ -343,6 +351,7 @@ def realign_with_config(
             dist.on_root(lambda: check_output(out_p, inputs=input_paths, overwrite=overwrite, force=force,
                                               resumable=lambda partial: resumable(partial, run_print)))
             inputs = _open_inputs(config, base_p, aligned_p, ft_p, ref_p, calib_p, nonfinite)
+            inputs.hub = hub
             calib = _load_calibration(config, inputs)
             progress = _Progress(quiet or not dist.root)
             try:
@@ -396,7 +405,8 @@ def _dry_run(config: RealignConfig, inputs: _Inputs, out_p: Path) -> Report:
     plan = make_plan(config, base=inputs.base, finetuned=inputs.finetuned, reference_given=inputs.reference is not None,
                      calibration=summary, device=device, paths=paths, mode=inputs.mode, modules=inputs.modules)
     log.info("%s", format_plan(plan))
-    return Report(inputs={k: {"path": v} for k, v in paths.items() if v and k != "out"}, output=None,
+    return Report(inputs={k: {"path": v, **({"hub": inputs.hub[k]} if k in inputs.hub else {})}
+                          for k, v in paths.items() if v and k != "out"}, output=None,
                   versions=versions(), config=config.to_dict(), preset=asdict(config.preset_spec),
                   counts={"modules": len(inputs.modules)}, dry_run=True, plan=plan, mode=inputs.mode)
 
@@ -487,7 +497,8 @@ def _report(config: RealignConfig, inputs: _Inputs, calib: Any, run: Any, execut
         if path is None:
             continue
         files = [hashed.get(p, {"path": str(p), "size": p.stat().st_size, "sha256": None}) for p in inputs.files(role)]
-        input_records[role] = {"path": str(path), "files": files}
+        input_records[role] = {"path": str(path), "files": files, **({"hub": inputs.hub[role]} if role in inputs.hub
+                                                                     else {})}
     meta = calib.meta if calib is not None else {}
     return Report(
         inputs=input_records, output=str(out_p), versions=versions(), config=config.to_dict(),

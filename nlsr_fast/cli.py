@@ -44,7 +44,9 @@ def _add_realign(sub: Any) -> None:
         "realign",
         help="realign a fine-tuned LoRA adapter with NLSR",
         description="Restore the safety-critical neurons of a fine-tuned LoRA adapter from the (amplified) "
-        "safety-aligned adapter (NLSR, arXiv 2412.12497). Flags override --config values, which override defaults.",
+        "safety-aligned adapter (NLSR, arXiv 2412.12497). Flags override --config values, which override defaults. "
+        "BASE, ALIGNED, FINETUNED and --reference are folders or Hugging Face ids (org/name, org/name@revision) "
+        "already in the local cache ($HF_HOME); a local path wins over an id of the same spelling.",
     )
     p.add_argument("base", help="base checkpoint folder (sharded safetensors + config + tokenizer)")
     p.add_argument("aligned", help="safety-aligned model: PEFT LoRA adapter on BASE, or full checkpoint (dense)")
@@ -53,7 +55,7 @@ def _add_realign(sub: Any) -> None:
     p.add_argument("out", help="output folder (must not exist, unless --overwrite)")
     p.add_argument("--config", metavar="YAML", help="YAML file of option values (keys as the flags, - or _)")
     p.add_argument("--calibration", metavar="JSONL", help="calibration samples (pairs for pref_snip)")
-    p.add_argument("--reference", metavar="DIR", help="ready reference (adapter, or checkpoint in dense mode); "
+    p.add_argument("--reference", metavar="DIR|ID", help="ready reference (adapter, or checkpoint in dense mode); "
                    "skips amplification")
     p.add_argument("--preset", choices=sorted(PRESETS), help="paper (default) or official (the released code)")
     p.add_argument("--method", choices=METHODS, help="neuron score (default low_rank)")

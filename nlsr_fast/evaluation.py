@@ -286,25 +286,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _is_model(name: str) -> bool:
-    """A folder, or something that can be a Hugging Face id (org/name) for the local cache."""
-    return Path(name).is_dir() or (name.count("/") == 1 and not Path(name).exists())
+def _model_folder(spec: str, role: str, must_hold: str) -> tuple[Path, dict[str, Any]]:
+    """A local folder or a cached Hub id (nlsr_fast.io.hub) that holds `must_hold`: (folder, Hub record or {})."""
+    from nlsr_fast.io.hub import resolve
+
+    found = resolve(spec, role)
+    if not found.path.is_dir():
+        raise FileNotFoundError(f"{role} {spec}: not a folder, nor an org/name id in the local cache")
+    if not (found.path / must_hold).is_file():
+        raise FileNotFoundError(f"{role} {spec}: no {must_hold} there")
+    return found.path, found.record()
 
 
-def check_options(args: argparse.Namespace) -> None:
-    """Every option, before any file is read or model loaded: ValueError / FileNotFoundError naming the option."""
+def check_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Every option, before any file is read or model loaded: ValueError / FileNotFoundError naming the option.
+    MODEL, --adapter and --judge become local folders (a Hub id resolved in the cache); returns their Hub records."""
     for opt in ("limit", "batch", "max_new_tokens", "task_new_tokens"):
         value = getattr(args, opt)
         if value is not None and value < 1:
             raise ValueError(f"--{opt.replace('_', '-')} must be at least 1, got {value}")
-    if not _is_model(args.model):
-        raise FileNotFoundError(f"MODEL {args.model}: not a folder, nor an org/name id")
-    if Path(args.model).is_dir() and not (Path(args.model) / "config.json").is_file():
-        raise FileNotFoundError(f"MODEL {args.model}: no config.json there (not a model folder)")
-    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"--adapter {args.adapter}: no adapter_config.json there (not a PEFT adapter folder)")
-    if args.judge != "keyword" and not _is_model(args.judge):
-        raise FileNotFoundError(f"--judge {args.judge}: not 'keyword', a folder or a Hugging Face id")
+    hub: dict[str, dict[str, Any]] = {}
+    for opt, role, must_hold in (("model", "MODEL", "config.json"), ("adapter", "--adapter", "adapter_config.json"),
+                                 ("judge", "--judge", "config.json")):
+        spec = getattr(args, opt)
+        if spec is None or (opt == "judge" and spec == "keyword"):
+            continue
+        folder, record = _model_folder(spec, role, must_hold)
+        setattr(args, opt, str(folder))
+        if record:
+            hub[opt] = record
     if args.task_regex is not None:
         try:
             re.compile(args.task_regex)
@@ -312,6 +322,7 @@ def check_options(args: argparse.Namespace) -> None:
             raise ValueError(f"--task-regex {args.task_regex!r}: {exc}") from None
     if str(args.device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device here")
+    return hub
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -321,7 +332,7 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
         tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
         auto: Any = AutoModelForCausalLM  # its from_pretrained is typed for a model argument
         model = auto.from_pretrained(args.model, local_files_only=True, dtype=getattr(torch, args.dtype))
-    except (OSError, ValueError) as exc:  # an id that is not in the local cache, a folder without a tokenizer
+    except (OSError, ValueError) as exc:  # a folder without a tokenizer or weights
         raise ValueError(f"MODEL {args.model}: cannot load it locally: {str(exc).splitlines()[0]}") from None
     if args.adapter:
         from peft import PeftModel
@@ -352,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
     """Everything the command does; bad input raises ValueError / FileNotFoundError before any model is loaded."""
     from nlsr_fast.demo.judge import label
 
-    check_options(args)
+    hub = check_options(args)
     prompts = load_prompts(args.harmful)[: args.limit]
     task = load_task(args.task)[: args.limit] if args.task else []
     regex = re.compile(args.task_regex) if args.task_regex else None
@@ -374,7 +385,7 @@ def run(args: argparse.Namespace) -> int:
     scores = score(harmful, task_rows)
     print(table(scores))
     if args.out:
-        settings = {k: v for k, v in vars(args).items() if k not in ("quiet",)}
+        settings = {**{k: v for k, v in vars(args).items() if k not in ("quiet",)}, "hub": hub}
         out = Path(args.out)
         tmp = out.with_name(out.name + ".partial")  # the file appears complete or not at all
         tmp.write_text(json.dumps({"settings": settings, "scores": scores, "harmful": harmful, "task": task_rows},

@@ -138,12 +138,13 @@ def test_bundled_prompt_sets() -> None:
         ({"h.txt": "\n\n"}, ["--harmful", "h.txt"], r"h\.txt: no prompts"),
         ({"h.txt": "a\n", "t.jsonl": '{"prompt": "q"}\n'}, ["--harmful", "h.txt", "--task", "t.jsonl"],
          r"t\.jsonl:1: needs \"prompt\" \(string\) and \"answer\""),
-        ({"h.txt": "a\n"}, ["--harmful", "h.txt", "--judge", "guard"], r"--judge guard: not 'keyword'"),
+        ({"h.txt": "a\n"}, ["--harmful", "h.txt", "--judge", "guard"], r"--judge guard: not a folder, nor an org/name"),
         ({"h.txt": b"caf\xe9\n"}, ["--harmful", "h.txt"], r"h\.txt: not UTF-8 text \(byte 0xe9 at offset 3\)"),
         ({"h.txt": "a\n"}, ["--harmful", "h.txt", "--limit", "0"], r"--limit must be at least 1, got 0"),
         ({"h.txt": "a\n"}, ["--harmful", "h.txt", "--batch", "-1"], r"--batch must be at least 1, got -1"),
         ({"h.txt": "a\n"}, ["--harmful", "h.txt", "--task-regex", "(x"], r"--task-regex '\(x': missing \)"),
-        ({"h.txt": "a\n"}, ["--harmful", "h.txt", "--adapter", "nowhere"], r"--adapter nowhere: no adapter_config"),
+        ({"h.txt": "a\n"}, ["--harmful", "h.txt", "--adapter", "nowhere"], r"--adapter nowhere: not a folder, nor"),
+        ({"h.txt": "a\n"}, ["--harmful", "h.txt", "--adapter", "."], r"--adapter \.: no adapter_config\.json there"),
     ],
 )
 def test_bad_input_exit_2_before_loading_the_model(
@@ -180,12 +181,15 @@ def test_score_counts_each_label_and_the_classifier() -> None:
     ("model", "message"),
     [("missing/twice/nested", r"MODEL .*: not a folder, nor an org/name id"),
      ("empty", r"MODEL .*empty: no config\.json there"),
-     ("org/absent", r"MODEL .*org/absent: cannot load it locally: ")],
+     ("org/absent", r"MODEL org/absent: not a local folder, and not in the Hugging Face cache .*hf/hub$"),
+     ("weightless", r"MODEL weightless: cannot load it locally: ")],
 )
 def test_a_model_that_cannot_load_is_exit_2(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], model: str, message: str
 ) -> None:
     (tmp_path / "empty").mkdir()
+    (tmp_path / "weightless").mkdir()
+    (tmp_path / "weightless" / "config.json").write_text("{}")
     (tmp_path / "h.txt").write_text("a\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -200,3 +204,18 @@ def test_cuda_without_a_gpu_is_exit_2(tiny: Path, tmp_path: Path, capsys: pytest
     (tmp_path / "h.txt").write_text("a\n")
     assert main(["eval", str(tiny), "--harmful", str(tmp_path / "h.txt"), "--device", "cuda", "--quiet"]) == 2
     assert capsys.readouterr().err.strip() == "nlsr-fast eval: error: --device cuda: no CUDA device here"
+
+
+def test_eval_model_and_adapter_by_hub_id(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from .pipeline.test_hub import COMMIT, cache_repo
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    adapter = make_lora_adapter(tmp_path / "adapter", tiny, std=0.5)
+    cache_repo(tmp_path / "hf" / "hub", "org/tiny", tiny)
+    cache_repo(tmp_path / "hf" / "hub", "org/lora", adapter)
+    local = _eval(tmp_path, tiny, "--adapter", str(adapter))
+    by_id = _eval(tmp_path, Path("org/tiny"), "--adapter", "org/lora@main")
+    assert by_id["harmful"] == local["harmful"]
+    assert by_id["settings"]["hub"] == {"model": {"id": "org/tiny", "revision": "main", "commit": COMMIT},
+                                        "adapter": {"id": "org/lora", "revision": "main", "commit": COMMIT}}

@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from nlsr_fast.io._format import TensorInfo, read_header
+from nlsr_fast.io.hub import snapshot_blobs
 from nlsr_fast.io.stream import read_tensor
 
 __all__ = ["CheckpointReader", "SAFE_INDEX", "SAFE_SINGLE", "resolve_inside"]
@@ -50,7 +51,8 @@ def resolve_inside(folder: Path, entry: object, *, source: Path) -> Path:
         real, root = path.resolve(), folder.resolve()
     except (OSError, ValueError, RuntimeError) as e:  # a name too long, a symlink loop
         raise ValueError(f"{source}: shard entry {entry!r} cannot be resolved inside {folder}: {e}") from None
-    if not real.is_relative_to(root):
+    blobs = snapshot_blobs(folder)  # a Hugging Face cache snapshot: its files are symlinks into the repo's blobs/
+    if not real.is_relative_to(root) and not (blobs is not None and real.is_relative_to(blobs)):
         raise ValueError(f"{source}: shard entry {entry!r} resolves to {real}, outside the folder {root}")
     return path
 
