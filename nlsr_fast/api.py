@@ -121,6 +121,7 @@ class _Inputs:
     extras: dict[str, Any] = field(default_factory=dict)
     extra_records: list[dict[str, Any]] = field(default_factory=list)
     hub: dict[str, dict[str, Any]] = field(default_factory=dict)  # role -> Hub id, revision, commit (report.json)
+    blob_records: dict[Path, dict[str, Any]] = field(default_factory=dict)  # files hashed by their cache blob name
 
     def files(self, role: str) -> list[Path]:
         model = {"finetuned": self.finetuned, "aligned": self.aligned, "reference": self.reference}.get(role)
@@ -417,12 +418,15 @@ def _run(config: RealignConfig, inputs: _Inputs, calib: Any, out_p: Path, *, ove
     ranks write their modules into it and return None)."""
     from nlsr_fast.io import atomic_output
     from nlsr_fast.io.hashing import BackgroundHasher
+    from nlsr_fast.io.hub import blob_digest
     from nlsr_fast.io.stream import buffer_pool
 
     roles = ["finetuned", "aligned", "reference"] + (["base"] if inputs.mode == "dense" or calib is not None else [])
     # Hashed from the run's own reads (the executor's, and calibration's of the base: the readers are streamed).
     hashed = [p for role in [*roles, "calibration"] for p in inputs.files(role)]
-    hasher = BackgroundHasher(hashed) if dist.root else None
+    inputs.blob_records = {p: {"path": str(p), "size": p.stat().st_size, "sha256": d}
+                           for p in hashed if (d := blob_digest(p)) is not None}  # a Hub cache's own sha256
+    hasher = BackgroundHasher([p for p in hashed if p not in inputs.blob_records]) if dist.root else None
     input_paths = [p for p in inputs.paths.values() if p is not None]
     known_digests: dict[str, str] = {}  # output files hashed as they were written
     with contextlib.ExitStack() as stack:
@@ -490,7 +494,7 @@ def _report(config: RealignConfig, inputs: _Inputs, calib: Any, run: Any, execut
             changed_a=changed.get(keys[0], 0), changed_b=changed.get(keys[1], 0) if len(keys) > 1 else 0,
             shape_a=list(shapes[keys[0]]), shape_b=list(shapes[keys[1]]) if len(keys) > 1 else [],
         ))
-    hashed = hasher.records()
+    hashed = {**hasher.records(), **inputs.blob_records}
     input_records: dict[str, Any] = {}
     for role in ("base", "aligned", "finetuned", "reference", "calibration"):
         path = inputs.paths[role]

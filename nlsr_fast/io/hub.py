@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["HUB_ID", "Resolved", "cache_dir", "resolve", "snapshot_blobs"]
+__all__ = ["HUB_ID", "Resolved", "cache_dir", "resolve", "snapshot_blobs", "blob_digest"]
 
 #: org/name with an optional @revision (a branch, a tag or a commit hash)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(?:@[\w.-]+)?$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -73,4 +74,14 @@ def snapshot_blobs(folder: Path) -> Path | None:
     real = folder.resolve()
     if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
         return real.parent.parent / "blobs"
+    return None
+
+
+def blob_digest(path: Path) -> str | None:
+    """The sha256 of a file of a cache snapshot, from the name of the blob it links to (huggingface_hub names the
+    blobs of large files by their sha256, checked when it downloaded them); None for any other file, which is then
+    hashed as usual."""
+    real = path.resolve()
+    if real.parent.name == "blobs" and real.parent.parent.name.startswith("models--") and _SHA256.match(real.name):
+        return real.name
     return None

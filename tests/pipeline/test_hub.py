@@ -107,3 +107,20 @@ def test_a_missing_id_is_exit_2_with_one_line(hub: Path, world: World, tmp_path:
     assert err == [f"nlsr-fast realign: error: aligned org/missing: not a local folder, and not in the Hugging Face "
                    f"cache {hub}"]
     assert not (tmp_path / "out").exists()
+
+
+def test_files_stored_under_their_sha256_are_not_hashed_again(hub: Path, world: World, tmp_path: Path) -> None:
+    snap = resolve("org/finetuned", "finetuned").path
+    link = snap / "adapter_model.safetensors"
+    named = link.resolve().with_name("f" * 64)  # a blob name that is not the content's sha256: only a lookup finds it
+    link.resolve().rename(named)
+    link.unlink()
+    link.symlink_to(os.path.relpath(named, link.parent))
+    out = tmp_path / "out"
+    assert cli.main(["realign", "org/base", "org/aligned", "org/finetuned", str(out), "--quiet", "--calibration",
+                     str(world.calibration), "--method", "wanda", "--nsamples", "8"]) == 0
+    files = json.loads((out / "report.json").read_text())["inputs"]["finetuned"]["files"]
+    sha = {Path(f["path"]).name: f["sha256"] for f in files}
+    assert sha["adapter_model.safetensors"] == "f" * 64  # the blob's name, not a second read of the file
+    config = (world.finetuned / "adapter_config.json").read_bytes()  # stored under a sha256 name too: the real one
+    assert sha["adapter_config.json"] == hashlib.sha256(config).hexdigest()
