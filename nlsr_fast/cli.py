@@ -109,10 +109,10 @@ def _add_verify(sub: Any) -> None:
         "fine-tuned input bit for bit. Exit 0 when every check passes, 1 when one fails, 2 on bad input.",
     )
     p.add_argument("out", help="the output folder of nlsr-fast realign")
-    p.add_argument("--base", metavar="DIR", help="the base checkpoint (dense mode: recompute the reference)")
-    p.add_argument("--aligned", metavar="DIR", help="the aligned input (recompute the reference from it)")
-    p.add_argument("--finetuned", metavar="DIR", help="the fine-tuned input (unrestored weights must equal it)")
-    p.add_argument("--reference", metavar="DIR", help="the reference the run used, if it was given one")
+    p.add_argument("--base", metavar="DIR|ID", help="the base checkpoint (dense mode: recompute the reference)")
+    p.add_argument("--aligned", metavar="DIR|ID", help="the aligned input (recompute the reference from it)")
+    p.add_argument("--finetuned", metavar="DIR|ID", help="the fine-tuned input (unrestored weights must equal it)")
+    p.add_argument("--reference", metavar="DIR|ID", help="the reference the run used, if it was given one")
     p.add_argument("-v", "--verbose", action="store_true", help="info logs and tracebacks on errors")
 
 
@@ -130,10 +130,13 @@ def _add_eval(sub: Any) -> None:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from nlsr_fast.io.hub import resolve
     from nlsr_fast.verify import verify_summary
 
-    problems, checked = verify_summary(args.out, base=args.base, aligned=args.aligned, finetuned=args.finetuned,
-                                       reference=args.reference)
+    found = {role: resolve(spec, f"--{role}").path if spec is not None else None
+             for role, spec in (("base", args.base), ("aligned", args.aligned), ("finetuned", args.finetuned),
+                                ("reference", args.reference))}  # folders, or Hub ids in the local cache
+    problems, checked = verify_summary(args.out, **found)
     if problems:
         for problem in problems:
             print(f"FAIL: {problem}")

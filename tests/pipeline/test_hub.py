@@ -95,6 +95,8 @@ def test_realign_from_ids_equals_realign_from_folders(hub: Path, world: World, t
     assert inputs["base"]["hub"] == {"id": "org/base", "revision": "main", "commit": COMMIT}
     assert inputs["finetuned"]["hub"]["revision"] == COMMIT
     assert "hub" not in json.loads((local / "report.json").read_text())["inputs"]["base"]
+    assert cli.main(["verify", str(from_hub), "--base", "org/base", "--aligned", "org/aligned",
+                     "--finetuned", "org/finetuned"]) == 0  # verify takes the ids too
     sha = {Path(f["path"]).name: f["sha256"] for f in inputs["finetuned"]["files"]}
     assert sha["adapter_model.safetensors"] == hashlib.sha256(
         (world.finetuned / "adapter_model.safetensors").read_bytes()).hexdigest()
