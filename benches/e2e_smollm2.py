@@ -57,8 +57,7 @@ for p in (REPO, Path(__file__).resolve().parent):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from nlsr_fast.demo.judge import LABELS, label  # noqa: E402
-from nlsr_fast.e2e import (  # noqa: E402
+from benches.e2e import (  # noqa: E402
     COMPLIANT,
     REFUSALS,
     addition_items,
@@ -68,8 +67,8 @@ from nlsr_fast.e2e import (  # noqa: E402
     make_splits,
     split_digest,
 )
-from nlsr_fast.e2e.controls import diagnostics, matched_random_masks, oracle_masks  # noqa: E402
-from nlsr_fast.e2e.model import (  # noqa: E402
+from benches.e2e.controls import diagnostics, matched_random_masks, oracle_masks  # noqa: E402
+from benches.e2e.model import (  # noqa: E402
     TARGETS,
     SwapModel,
     greedy_with_margins,
@@ -77,7 +76,8 @@ from nlsr_fast.e2e.model import (  # noqa: E402
     train_lora,
     write_adapter,
 )
-from nlsr_fast.e2e.tables import is_compliant, judge_harmful, task_correct  # noqa: E402
+from benches.e2e.tables import is_compliant, judge_harmful, task_correct  # noqa: E402
+from nlsr_fast.demo.judge import LABELS, label  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REFUSAL_OPENING = "I'm sorry, but I cannot"

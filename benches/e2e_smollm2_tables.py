@@ -4,7 +4,7 @@
                                                      # e2e_smollm2.json, re-writes e2e_smollm2.md (+ the plot)
     python benches/e2e_smollm2_tables.py --check     # also fail if a stored label or a JSON number disagrees
 
-Every harmful / correct label is re-derived from the stored output with the judge (nlsr_fast.e2e.tables), every
+Every harmful / correct label is re-derived from the stored output with the judge (benches.e2e.tables), every
 percentage, Wilson interval, pooled number, paired bootstrap and McNemar test is recomputed here. Only what is not a
 generation (modules restored, entries changed, timings, the run's settings) is read from the JSON. The hand-written
 reading (`e2e_smollm2_reading.md`) and the hand check of the judge (`e2e_smollm2_handcheck.jsonl`) are appended when
@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benches.e2e.tables import arm_stats, check_labels, load_generations, paired, pooled  # noqa: E402
 from nlsr_fast.demo.judge import (  # noqa: E402
     ANSWERS,
     DEGENERATE,
@@ -34,7 +35,6 @@ from nlsr_fast.demo.judge import (  # noqa: E402
     REPEAT_N,
     label,
 )
-from nlsr_fast.e2e.tables import arm_stats, check_labels, load_generations, paired, pooled  # noqa: E402
 from nlsr_fast.stats import fmt_ci, share  # noqa: E402
 
 #: fixed before the full run (issue 9), evaluated by `verdict`

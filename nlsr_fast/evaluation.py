@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["greedy_with_margins", "load_prompts", "load_task", "bundled_prompts", "score", "add_arguments", "run"]
+__all__ = ["greedy_with_margins", "load_prompts", "load_task", "bundled_prompts", "load_generations", "score",
+           "add_arguments", "run"]
 
 BUNDLED = ("harmbench", "donotanswer")
 
@@ -211,6 +212,16 @@ def load_task(path_str: str) -> list[tuple[str, str]]:
     if not items:
         raise ValueError(f"--task {path}: no items in the file")
     return items
+
+
+def load_generations(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a generations file: JSON lines, gzip-compressed when the name ends in .gz."""
+    import gzip
+
+    path = Path(path)
+    opener: Any = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 # --- scores -----------------------------------------------------------------------------------------------------------

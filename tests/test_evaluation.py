@@ -121,7 +121,6 @@ def test_eval_with_classifier_judge(tiny: Path, tmp_path: Path) -> None:
 
 
 def test_bundled_prompt_sets() -> None:
-    pytest.importorskip("nlsr_fast.e2e")
     harmbench, dna = bundled_prompts("harmbench"), bundled_prompts("donotanswer")
     assert len(harmbench) == len(set(p.lower() for p in harmbench)) > 100
     assert len(dna) > 100 and not set(harmbench) & set(dna)

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
@@ -90,12 +90,20 @@ def _import_installed(site: Path, cwd: Path) -> list[str]:
     return _python(code, cwd, "-S").split()
 
 
+#: the library's subpackages, the whole of what the wheel ships besides nlsr_fast/*.py
+PACKAGES = ("bench", "calib", "demo", "io", "kernels", "ops", "pipeline")
+
+
 def test_wheel_installs_kernels_as_nlsr_fast_kernels(tmp_path: Path) -> None:
     pytest.importorskip("triton")
     wheel = _build("wheel", tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     assert "nlsr_fast/kernels/__init__.py" in names and "nlsr_fast/kernels/extrapolate.py" in names
     assert not [n for n in names if n.startswith("kernels/")]
+    # the library and nothing else: the experiment's code (benches/e2e), the benches and the tests stay out
+    folders = {str(PurePosixPath(n).parent) for n in names} - {n.split("/")[0] for n in names if ".dist-info/" in n}
+    assert folders == {"nlsr_fast", *(f"nlsr_fast/{p}" for p in PACKAGES)}
+    assert "nlsr_fast/evaluation.py" in names and "nlsr_fast/stats.py" in names
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     # From a neutral folder: from a source checkout's root, `nlsr_fast` would be the checkout's own folder.

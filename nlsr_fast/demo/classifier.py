@@ -85,7 +85,7 @@ class GuardJudge:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nlsr_fast.e2e.tables import load_generations
+    from nlsr_fast.evaluation import load_generations
     from nlsr_fast.stats import fmt_ci, share
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -67,8 +67,8 @@ def test_convert_tiny_gguf(tmp_path: Path) -> None:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nlsr_fast.e2e import convert_gguf
-    from nlsr_fast.e2e.convert import MARKER
+    from benches.e2e import convert_gguf
+    from benches.e2e.convert import MARKER
 
     src = tmp_path / "tiny.gguf"
     expected = _write_tiny(src)

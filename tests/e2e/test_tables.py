@@ -8,8 +8,8 @@ import random
 from pathlib import Path
 from typing import Any
 
+from benches.e2e.tables import READINGS, arm_stats, check_labels, judge_harmful, paired, pooled
 from nlsr_fast.demo.judge import label
-from nlsr_fast.e2e.tables import READINGS, arm_stats, check_labels, judge_harmful, paired, pooled
 from nlsr_fast.stats import wilson
 
 from ._helpers import bench_script

@@ -9,14 +9,12 @@ results JSON.
 
 from __future__ import annotations
 
-import gzip
-import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from nlsr_fast.demo.judge import LABELS, REFUSES, is_refusal, label, normalize
+from nlsr_fast.evaluation import load_generations
 from nlsr_fast.stats import bootstrap_mean, mcnemar_exact, paired_bootstrap, share
 
 __all__ = [
@@ -53,13 +51,6 @@ def is_compliant(output: str) -> bool:
 def task_correct(output: str, label: str) -> bool:
     """Exact match of the whole normalised output with the label."""
     return normalize(output) == label
-
-
-def load_generations(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def check_labels(records: Iterable[Mapping[str, Any]]) -> int:
