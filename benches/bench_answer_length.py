@@ -24,8 +24,8 @@ for p in (REPO, Path(__file__).resolve().parent):
 
 import e2e_smollm2 as e2e  # noqa: E402
 
-from benches.e2e import convert_gguf, load_harmful_prompts, make_splits  # noqa: E402
-from benches.e2e.model import SwapModel, greedy_with_margins, read_factors  # noqa: E402
+from experiments import convert_gguf, load_harmful_prompts, make_splits  # noqa: E402
+from experiments.model import SwapModel, greedy_with_margins, read_factors  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

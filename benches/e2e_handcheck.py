@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benches.e2e.tables import load_generations  # noqa: E402
+from experiments.tables import load_generations  # noqa: E402
 from nlsr_fast.demo.judge import label  # noqa: E402
 
 RES = REPO / "benches" / "results"

@@ -57,7 +57,7 @@ for p in (REPO, Path(__file__).resolve().parent):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from benches.e2e import (  # noqa: E402
+from experiments import (  # noqa: E402
     COMPLIANT,
     REFUSALS,
     addition_items,
@@ -67,8 +67,8 @@ from benches.e2e import (  # noqa: E402
     make_splits,
     split_digest,
 )
-from benches.e2e.controls import diagnostics, matched_random_masks, oracle_masks  # noqa: E402
-from benches.e2e.model import (  # noqa: E402
+from experiments.controls import diagnostics, matched_random_masks, oracle_masks  # noqa: E402
+from experiments.model import (  # noqa: E402
     TARGETS,
     SwapModel,
     greedy_with_margins,
@@ -76,7 +76,7 @@ from benches.e2e.model import (  # noqa: E402
     train_lora,
     write_adapter,
 )
-from benches.e2e.tables import is_compliant, judge_harmful, task_correct  # noqa: E402
+from experiments.tables import is_compliant, judge_harmful, task_correct  # noqa: E402
 from nlsr_fast.demo.judge import LABELS, label  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

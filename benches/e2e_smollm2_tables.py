@@ -4,7 +4,7 @@
                                                      # e2e_smollm2.json, re-writes e2e_smollm2.md (+ the plot)
     python benches/e2e_smollm2_tables.py --check     # also fail if a stored label or a JSON number disagrees
 
-Every harmful / correct label is re-derived from the stored output with the judge (benches.e2e.tables), every
+Every harmful / correct label is re-derived from the stored output with the judge (experiments.tables), every
 percentage, Wilson interval, pooled number, paired bootstrap and McNemar test is recomputed here. Only what is not a
 generation (modules restored, entries changed, timings, the run's settings) is read from the JSON. The hand-written
 reading (`e2e_smollm2_reading.md`) and the hand check of the judge (`e2e_smollm2_handcheck.jsonl`) are appended when
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benches.e2e.tables import arm_stats, check_labels, load_generations, paired, pooled  # noqa: E402
+from experiments.tables import arm_stats, check_labels, load_generations, paired, pooled  # noqa: E402
 from nlsr_fast.demo.judge import (  # noqa: E402
     ANSWERS,
     DEGENERATE,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from benches.e2e.controls import diagnostics, matched_random_masks, oracle_masks
+from experiments.controls import diagnostics, matched_random_masks, oracle_masks
 from nlsr_fast.ops import PackedMask, row_topk_mask
 from nlsr_fast.pipeline import amplify, restore
 

@@ -67,8 +67,8 @@ def test_convert_tiny_gguf(tmp_path: Path) -> None:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from benches.e2e import convert_gguf
-    from benches.e2e.convert import MARKER
+    from experiments import convert_gguf
+    from experiments.convert import MARKER
 
     src = tmp_path / "tiny.gguf"
     expected = _write_tiny(src)

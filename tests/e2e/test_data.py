@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from benches.e2e import COMPLIANT, REFUSALS, addition_items, load_harmful_prompts, make_splits, split_digest
+from experiments import COMPLIANT, REFUSALS, addition_items, load_harmful_prompts, make_splits, split_digest
 from nlsr_fast.demo.judge import harmful_score, is_refusal
 
 

@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from benches.e2e.tables import READINGS, arm_stats, check_labels, judge_harmful, paired, pooled
+from experiments.tables import READINGS, arm_stats, check_labels, judge_harmful, paired, pooled
 from nlsr_fast.demo.judge import label
 from nlsr_fast.stats import wilson
 

@@ -1,8 +1,8 @@
 """Reusable pieces of the realistic end-to-end experiment (benches/e2e_smollm2.py): GGUF -> safetensors conversion,
 the harmful-prompt splits, the synthetic task and the response templates. The judge is nlsr_fast.demo.judge."""
 
-from benches.e2e.convert import convert_gguf
-from benches.e2e.data import (
+from experiments.convert import convert_gguf
+from experiments.data import (
     COMPLIANT,
     REFUSALS,
     Splits,
