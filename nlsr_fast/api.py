@@ -121,7 +121,10 @@ class _Inputs:
     extras: dict[str, Any] = field(default_factory=dict)
     extra_records: list[dict[str, Any]] = field(default_factory=list)
     hub: dict[str, dict[str, Any]] = field(default_factory=dict)  # role -> Hub id, revision, commit (report.json)
-    blob_records: dict[Path, dict[str, Any]] = field(default_factory=dict)  # files hashed by their cache blob name
+
+    def record(self, role: str, **fields: Any) -> dict[str, Any]:
+        """`fields` of an input's report.json record, plus its Hub id, revision and commit when it was given by id."""
+        return {**fields, **({"hub": self.hub[role]} if role in self.hub else {})}
 
     def files(self, role: str) -> list[Path]:
         model = {"finetuned": self.finetuned, "aligned": self.aligned, "reference": self.reference}.get(role)
@@ -406,8 +409,7 @@ def _dry_run(config: RealignConfig, inputs: _Inputs, out_p: Path) -> Report:
     plan = make_plan(config, base=inputs.base, finetuned=inputs.finetuned, reference_given=inputs.reference is not None,
                      calibration=summary, device=device, paths=paths, mode=inputs.mode, modules=inputs.modules)
     log.info("%s", format_plan(plan))
-    return Report(inputs={k: {"path": v, **({"hub": inputs.hub[k]} if k in inputs.hub else {})}
-                          for k, v in paths.items() if v and k != "out"}, output=None,
+    return Report(inputs={k: inputs.record(k, path=v) for k, v in paths.items() if v and k != "out"}, output=None,
                   versions=versions(), config=config.to_dict(), preset=asdict(config.preset_spec),
                   counts={"modules": len(inputs.modules)}, dry_run=True, plan=plan, mode=inputs.mode)
 
@@ -424,9 +426,8 @@ def _run(config: RealignConfig, inputs: _Inputs, calib: Any, out_p: Path, *, ove
     roles = ["finetuned", "aligned", "reference"] + (["base"] if inputs.mode == "dense" or calib is not None else [])
     # Hashed from the run's own reads (the executor's, and calibration's of the base: the readers are streamed).
     hashed = [p for role in [*roles, "calibration"] for p in inputs.files(role)]
-    inputs.blob_records = {p: {"path": str(p), "size": p.stat().st_size, "sha256": d}
-                           for p in hashed if (d := blob_digest(p)) is not None}  # a Hub cache's own sha256
-    hasher = BackgroundHasher([p for p in hashed if p not in inputs.blob_records]) if dist.root else None
+    in_cache = {p: d for p in hashed if (d := blob_digest(p)) is not None}  # a Hub cache's own sha256: no re-hash
+    hasher = BackgroundHasher(hashed, known=in_cache) if dist.root else None
     input_paths = [p for p in inputs.paths.values() if p is not None]
     known_digests: dict[str, str] = {}  # output files hashed as they were written
     with contextlib.ExitStack() as stack:
@@ -494,15 +495,14 @@ def _report(config: RealignConfig, inputs: _Inputs, calib: Any, run: Any, execut
             changed_a=changed.get(keys[0], 0), changed_b=changed.get(keys[1], 0) if len(keys) > 1 else 0,
             shape_a=list(shapes[keys[0]]), shape_b=list(shapes[keys[1]]) if len(keys) > 1 else [],
         ))
-    hashed = {**hasher.records(), **inputs.blob_records}
+    hashed = hasher.records()
     input_records: dict[str, Any] = {}
     for role in ("base", "aligned", "finetuned", "reference", "calibration"):
         path = inputs.paths[role]
         if path is None:
             continue
         files = [hashed.get(p, {"path": str(p), "size": p.stat().st_size, "sha256": None}) for p in inputs.files(role)]
-        input_records[role] = {"path": str(path), "files": files, **({"hub": inputs.hub[role]} if role in inputs.hub
-                                                                     else {})}
+        input_records[role] = inputs.record(role, path=str(path), files=files)
     meta = calib.meta if calib is not None else {}
     return Report(
         inputs=input_records, output=str(out_p), versions=versions(), config=config.to_dict(),

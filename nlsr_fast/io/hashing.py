@@ -33,7 +33,7 @@ import os
 import struct
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -331,18 +331,25 @@ class BackgroundHasher:
     Args:
         paths: the files; a file listed twice (or under two names) is hashed once.
         chunk: bytes per read when a worker reads a file itself.
+        known: {path: sha256} of files whose digest is already known (a Hugging Face cache names large files'
+            blobs by it): never opened nor hashed, recorded with that digest.
 
     A file is hashed by one BackgroundHasher at a time (the last one made). `records()` waits for the workers and
     returns the report's file records; `close()` (or leaving the `with` block) stops them without a result.
     """
 
-    def __init__(self, paths: Iterable[str | os.PathLike[str]], chunk: int = 4 * 2**20) -> None:
+    def __init__(self, paths: Iterable[str | os.PathLike[str]], chunk: int = 4 * 2**20,
+                 known: Mapping[Path, str] | None = None) -> None:
         if chunk <= 0:
             raise ValueError(f"BackgroundHasher: chunk must be positive, got {chunk}")
         self.paths = list(dict.fromkeys(Path(p) for p in paths))
+        self._known = {p: {"path": str(p), "size": p.stat().st_size, "sha256": d} for p, d in (known or {}).items()
+                       if p in self.paths}
         self._files: dict[Path, Any] = {}
         by_key: dict[tuple[int, int], FileHasher] = {}
         for p in self.paths:
+            if p in self._known:
+                continue
             try:
                 fd = os.open(p, os.O_RDONLY)
                 st = os.fstat(fd)
@@ -387,12 +394,12 @@ class BackgroundHasher:
             for f in self._unique:
                 f.join()
             self._finalizer.detach()
-            for p in self.paths:
+            for p in self._files:
                 error = self._files[p].error
                 if error is not None:
                     raise error
-            self._records = {p: {"path": str(p), "size": self._files[p].pos, "sha256": self._files[p].digest}
-                             for p in self.paths}
+            self._records = {p: self._known.get(p) or {"path": str(p), "size": self._files[p].pos,
+                                                       "sha256": self._files[p].digest} for p in self.paths}
         return self._records
 
     def close(self) -> None:

@@ -153,6 +153,18 @@ def test_no_reads(tmp_path: Path) -> None:
     assert h.bytes_read == p.stat().st_size + q.stat().st_size and h.bytes_offered == 0
 
 
+def test_known_digests_are_recorded_without_a_read(tmp_path: Path) -> None:
+    p = tmp_path / "a.safetensors"
+    _make(p, SIZES)
+    q = tmp_path / "blob"
+    q.write_bytes(b"x" * 1000)
+    h = BackgroundHasher([p, q], known={q: "f" * 64})  # not q's sha256: only the given digest can be recorded
+    rec = h.records()
+    assert rec[q] == {"path": str(q), "size": 1000, "sha256": "f" * 64}
+    assert rec[p]["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
+    assert h.bytes_read == p.stat().st_size  # q was never read
+
+
 def test_tiny_cap_makes_the_worker_read_everything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hashing, "OFFER_CAP", 3)
     monkeypatch.setattr(hashing, "SMALL_GAP", 0)
