@@ -1,7 +1,7 @@
 # Short targets (Liger-style). PYTHON defaults to the active environment's interpreter.
 PYTHON ?= python
 
-.PHONY: build test test-interp test-gpu test-latest bench bench-smoke checkstyle clean
+.PHONY: build test test-interp test-gpu test-latest bench bench-smoke docs checkstyle clean
 
 build:
 	$(PYTHON) -m pip install -e .
@@ -32,11 +32,15 @@ bench:
 bench-smoke:
 	$(PYTHON) -m pytest benches --benchmark-disable -q
 
+# The documentation site (docs/ + mkdocs.yml); --strict fails on a broken link or a page missing from the nav.
+docs:
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict
+
 checkstyle:
 	@if command -v pre-commit >/dev/null 2>&1; then pre-commit run -a; \
 	else $(PYTHON) -m ruff check . && echo "(pre-commit not installed: ran ruff check only)"; fi
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache .benchmarks
+	rm -rf build dist site *.egg-info .pytest_cache .ruff_cache .mypy_cache .benchmarks
 	find . -path ./.venv -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 	find nlsr_fast -name '_C*.so' -delete

@@ -1,4 +1,4 @@
-"""Peak memory of the streamed calibration does not grow with depth (DESIGN "Scale").
+"""Peak memory of the streamed calibration does not grow with depth (docs/architecture.md, "The two passes").
 
 Synthetic Llama checkpoints (hidden 1024, intermediate 2816, 16 heads, random bf16 weights, sharded, cached) at 4 and
 16 layers; the same 32-sample calibration set and random r=16 factors on all seven projections. Each depth runs

@@ -527,7 +527,8 @@ class Experiment:
             return self.evaluate(seed, item["arm"], al, scale, meta)
         ref = amplify(al, ALPHA, "paper")
         if kind == "reference":
-            # the positive control "every entry of every module restored" is the reference itself (SPEC invariant 3):
+            # the positive control "every entry of every module restored" is the reference itself (docs/algorithm.md
+            # §9.3):
             # checked bit for bit on the main fine-tuned model
             ft, _ = read_factors(self.ft_for(seed, self.cfg["main_p"]))
             ones = {n: (PackedMask.ones(tuple(a.shape)), PackedMask.ones(tuple(b.shape))) for n, (a, b) in ft.items()}

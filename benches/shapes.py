@@ -1,4 +1,5 @@
-"""Real model dimensions for the benches (STYLE P2): linear weights (d_out, d_in) and r = 128 LoRA factors."""
+"""Real model dimensions for the benches (CONTRIBUTING.md rule P2): linear weights (d_out, d_in) and r = 128 LoRA
+factors."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 //
 // Every entry point takes tensors as integer addresses (tensor.data_ptr()) with a dtype code each
 // (0 = float32, 1 = float16, 2 = bfloat16; nlsr_fast/ops/_cpu.py), outputs first, then inputs, then sizes.
-// The Python adapters make the buffers contiguous and the public functions validate shapes (STYLE S3), so the
+// The Python adapters make the buffers contiguous and the public functions validate shapes (CONTRIBUTING.md rule S3), so the
 // bindings only cast.
 #include <pybind11/pybind11.h>
 

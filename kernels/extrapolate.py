@@ -1,4 +1,4 @@
-"""Triton extrapolate: out = c1 * a - c0 * b, c1 = fp32(1 + alpha), c0 = fp32(alpha) (SPEC §2, dense mode).
+"""Triton extrapolate: out = c1 * a - c0 * b, c1 = fp32(1 + alpha), c0 = fp32(alpha) (docs/algorithm.md §2, dense mode).
 
 One flat streaming pass over contiguous tensors: TILE_ELEMS elements per program, num_warps=8, fp32 math,
 one cast at the store. FMA contraction is disabled at launch so the result rounds exactly like the reference.

@@ -1,8 +1,8 @@
 """Triton lora_masked_cosine: the three sums of cos((M_B*B_t)(M_A*A_t), (M_B*B_e)(M_A*A_e)) via r x r Grams.
 
-<B1 A1, B2 A2>_F = sum((B1^T B2) * (A1 A2^T)) (SPEC §4), so d_out x d_in is never formed. One kernel computes
-the three Grams X_t^T X_e, X_t^T X_t, X_e^T X_e of a masked factor viewed as X (K, r) (X = B, K = d_out; or
-X = A^T, K = d_in) with tl.dot and fp32 accumulation. The grid is (K chunk, i tile, j tile); each program
+<B1 A1, B2 A2>_F = sum((B1^T B2) * (A1 A2^T)) (docs/algorithm.md §4), so d_out x d_in is never formed. One kernel
+computes the three Grams X_t^T X_e, X_t^T X_t, X_e^T X_e of a masked factor viewed as X (K, r) (X = B, K = d_out;
+or X = A^T, K = d_in) with tl.dot and fp32 accumulation. The grid is (K chunk, i tile, j tile); each program
 writes its fp32 partial Grams and the host side adds them and forms the three sums in fp64.
 
 Block sizes (fixed, for an H200; sm_90 builds checked offline for register spills): fp16/bf16 factors go to

@@ -1,4 +1,4 @@
-"""Triton masked_delta_cosine: the three sums of cos(M*(t - base), M*(e - base)) in one pass (SPEC §4).
+"""Triton masked_delta_cosine: the three sums of cos(M*(t - base), M*(e - base)) in one pass (docs/algorithm.md §4).
 
 Streaming tiles of [BLOCK_R, BLOCK_B, 8] = TILE_ELEMS elements per program (num_warps=8): one mask byte load
 per 8 elements, t, e (and base) read once. Each program writes its three fp32 partial sums (a tree sum over

@@ -1,4 +1,4 @@
-"""Triton masked_restore: out = where(mask, source, target) in target's dtype, bit-exact (SPEC §6).
+"""Triton masked_restore: out = where(mask, source, target) in target's dtype, bit-exact (docs/algorithm.md §6).
 
 Streaming tiles of [BLOCK_R, BLOCK_B, 8] = TILE_ELEMS elements per program (num_warps=8): one mask byte load
 per 8 elements, target and source read once, out written once. `out` may alias `target` (each element is read

@@ -1,4 +1,4 @@
-"""Triton matrix_topk_mask: exactly k of |x| over the whole matrix, by radix select (SPEC §3, low_rank).
+"""Triton matrix_topk_mask: exactly k of |x| over the whole matrix, by radix select (docs/algorithm.md §3, low_rank).
 
 |x| as fp32 with the sign cleared orders like its bit pattern (NaN above +inf), so the k-th largest key T is
 found digit by digit, most significant first, without sorting:

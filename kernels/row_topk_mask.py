@@ -1,4 +1,5 @@
-"""Triton row_topk_mask: exactly k of each row by the fused score (|W| * col_scale[j]) * grad[i, j] (SPEC §3).
+"""Triton row_topk_mask: exactly k of each row by the fused score (|W| * col_scale[j]) * grad[i, j]
+(docs/algorithm.md §3).
 
 One program per row (or per few narrow rows). The score is non-negative fp32, so its bit pattern (sign cleared,
 NaN above +inf) orders like the value: the k-th largest key T is found by a radix-4 search over the 31 key bits,

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from nlsr_fast.config import MODE_METHODS, RealignConfig
+from nlsr_fast.config import DATA_FREE_METHODS, MODE_METHODS, RealignConfig
 from nlsr_fast.distributed import Dist
 from nlsr_fast.io.finite import NonFinite
 from nlsr_fast.report import ModuleRecord, Report, versions
@@ -63,7 +63,7 @@ def realign(
         force: with `overwrite`, replace `out` even if it is not an nlsr_fast output.
         wait: wait for another run holding `out`'s lock instead of failing.
         **options: any field of RealignConfig (preset, method, sparsity, alpha, mode, targets, ...), with its
-            defaults (SPEC §8).
+            defaults (docs/algorithm.md §8).
     Returns:
         The Report (also written as out/report.json unless dry_run).
     """
@@ -266,7 +266,7 @@ def _open_dense(config: RealignConfig, base: Any, ft: Any, aligned: Any, referen
 
 
 def _check_calibration_file(config: RealignConfig, calib_p: Path | None) -> None:
-    needs = config.method not in ("random", "magnitude")
+    needs = config.method not in DATA_FREE_METHODS
     if needs and calib_p is None:
         raise ValueError(f"method {config.method!r} needs calibration data (calibration=..., --calibration FILE)")
     if calib_p is not None:
@@ -278,7 +278,7 @@ def _check_calibration_file(config: RealignConfig, calib_p: Path | None) -> None
 def _load_calibration(config: RealignConfig, inputs: _Inputs) -> Any:
     """Tokenised calibration samples (every method but random and magnitude), or None."""
     calib_p = inputs.paths["calibration"]
-    if config.method in ("random", "magnitude"):
+    if config.method in DATA_FREE_METHODS:
         return None
     assert calib_p is not None
     from transformers import AutoTokenizer
@@ -397,7 +397,7 @@ def _dry_run(config: RealignConfig, inputs: _Inputs, out_p: Path) -> Report:
 
     summary = None
     calib_p = inputs.paths["calibration"]
-    if calib_p is not None and config.method not in ("random", "magnitude"):
+    if calib_p is not None and config.method not in DATA_FREE_METHODS:
         summary = calibration_summary(calib_p, nsamples=config.nsamples,
                                       max_response_tokens=config.max_response_tokens,
                                       pairs=config.method == "pref_snip")

@@ -1,4 +1,5 @@
-"""Configuration of a realign run: every hyper-parameter in one frozen, validated object, and the presets (SPEC §8)."""
+"""Configuration of a realign run: every hyper-parameter in one frozen, validated object, and the presets
+(docs/algorithm.md §8)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ __all__ = [
     "METHODS",
     "MODES",
     "MODE_METHODS",
+    "DATA_FREE_METHODS",
     "SCORE_ON",
     "PRESETS",
     "SELECTIONS",
@@ -28,6 +30,8 @@ METHODS = ("low_rank", "wanda", "snip", "pref_snip", "random", "magnitude")
 #: models' forwards and a backward per pair: both are refused. LoRA magnitude has no delta to rank.
 MODE_METHODS = {"lora": ("low_rank", "wanda", "snip", "pref_snip", "random"),
                 "dense": ("magnitude", "random", "wanda", "snip")}
+#: Methods that score without calibration data.
+DATA_FREE_METHODS = ("random", "magnitude")
 MODES = ("auto", "lora", "dense")
 SCORE_ON = ("delta", "weight")
 EXTRA_TENSORS = ("refuse", "restore", "keep")
@@ -39,7 +43,7 @@ BACKENDS = ("reference", "cpu", "triton")
 
 @dataclass(frozen=True)
 class Preset:
-    """One column of SPEC §8: where the paper and the released code disagree.
+    """One column of docs/algorithm.md §8: where the paper and the released code disagree.
 
     Attributes:
         name: "paper" or "official".
@@ -77,7 +81,7 @@ class Preset:
                 raise ValueError(f"preset {self.name!r}: {key} must be one of {values}, got {getattr(self, key)!r}")
 
     def amplification_factor(self, alpha: float) -> float:
-        """The number each LoRA factor of the aligned adapter is multiplied by (SPEC §2)."""
+        """The number each LoRA factor of the aligned adapter is multiplied by (docs/algorithm.md §2)."""
         return math.sqrt(1.0 + alpha) if self.amplify_mode == "sqrt" else 2.0 * alpha
 
 
@@ -149,7 +153,7 @@ def _check_device_available(name: str, dev: Any) -> None:
 
 @dataclass(frozen=True)
 class RealignConfig:
-    """Every hyper-parameter of a realign run (defaults: SPEC §8, "Defaults shared by both").
+    """Every hyper-parameter of a realign run (defaults: docs/algorithm.md §8, "Defaults shared by both").
 
     Attributes:
         preset: a key of PRESETS ("paper" or "official").

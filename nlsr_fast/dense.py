@@ -1,4 +1,4 @@
-"""Dense space: the executor's view of realignment on full checkpoints (SPEC §2-§6, dense mode).
+"""Dense space: the executor's view of realignment on full checkpoints (docs/algorithm.md §2-§6, dense mode).
 
 A module is one target linear weight W (d_out, d_in). Each of `aligned` and `finetuned` is a full checkpoint or
 a PEFT LoRA adapter on `base`, merged tensor by tensor on the fly (in fp32 with the adapter's scale, rounded once

@@ -1,4 +1,4 @@
-"""The streaming executor: one engine for LoRA and dense realignment (DESIGN "Scale").
+"""The streaming executor: one engine for LoRA and dense realignment (docs/architecture.md, "The two passes").
 
 pass 1  for each module, in the fine-tuned file's order (a reader thread loads the next module while this one is
           computed): inputs -> reference -> masks (written to masks.safetensors at once) -> similarity (a float);
@@ -61,7 +61,7 @@ class Space(Protocol):
         """The masks of module `name`, keyed as in masks.safetensors."""
 
     def similarity(self, name: str, loaded: Any, masks: dict[str, PackedMask]) -> float:
-        """S_m of module `name` (SPEC §4)."""
+        """S_m of module `name` (docs/algorithm.md §4)."""
 
     def restore_values(self, name: str, loaded: Any, masks: dict[str, PackedMask]) -> dict[str, torch.Tensor]:
         """{mask key: the values restoration gives the masked entries, in row-major order} (1-D tensors)."""

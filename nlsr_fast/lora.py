@@ -1,4 +1,4 @@
-"""LoRA space: the executor's view of realignment on PEFT adapters (SPEC §2-§6, LoRA mode).
+"""LoRA space: the executor's view of realignment on PEFT adapters (docs/algorithm.md §2-§6, LoRA mode).
 
 A module is one adapted linear; its tensors are the fine-tuned factors (A_t, B_t) and the reference factors
 (A_e, B_e), the amplified aligned adapter or a ready reference adapter. Every stage is the in-memory stage

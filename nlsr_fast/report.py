@@ -1,4 +1,4 @@
-"""The record of a realign run (SPEC §7): report.json, the human table and the similarity plot."""
+"""The record of a realign run (docs/algorithm.md §7): report.json, the human table and the similarity plot."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ class Report:
         output: the output folder (None for a dry run).
         versions: nlsr_fast, torch, transformers, python.
         config: every hyper-parameter of RealignConfig.
-        preset: the preset's fields (SPEC §8).
+        preset: the preset's fields (docs/algorithm.md §8).
         modules: per-module records in model order.
         timings: seconds per stage (amplify, score, similarity, select, restore, write, total, ...).
         bytes_read: bytes read from the inputs; bytes_written: bytes of the output folder.

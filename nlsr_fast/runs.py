@@ -128,7 +128,7 @@ class _Run:
 
 
 class LoraRun(_Run):
-    """PEFT adapter in, PEFT adapter out (SPEC LoRA mode)."""
+    """PEFT adapter in, PEFT adapter out (docs/algorithm.md §1, LoRA mode)."""
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -201,7 +201,8 @@ class LoraRun(_Run):
 
 
 class DenseRun(_Run):
-    """Full checkpoints (or adapters merged on the fly) in, a Hugging Face checkpoint out (SPEC dense mode)."""
+    """Full checkpoints (or adapters merged on the fly) in, a Hugging Face checkpoint out (docs/algorithm.md §1,
+    dense mode)."""
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)

@@ -1,5 +1,6 @@
 """Tiny Llama-family checkpoints, tokenizers, LoRA adapters and calibration files, made on disk for tests,
-benches and the demo. Nothing here reaches a hub."""
+benches, the demo and the tests of tools that embed nlsr_fast (a public helper: docs/python-api.md). Nothing here
+reaches a hub."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ __all__ = [
     "make_lora_adapter",
     "continue_lora_adapter",
     "write_calibration_jsonl",
+    "derive_checkpoint",
+    "merge_adapter",
 ]
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

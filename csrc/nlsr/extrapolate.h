@@ -5,7 +5,7 @@
 
 namespace nlsr {
 
-// Dense safety pre-amplification (SPEC §2): out[i] = c1 * aligned[i] - c0 * base[i] with c1 = fp32(1 + alpha),
+// Dense safety pre-amplification (docs/algorithm.md §2): out[i] = c1 * aligned[i] - c0 * base[i] with c1 = fp32(1 + alpha),
 // c0 = fp32(alpha); the two products and the difference are each rounded in fp32 (no fused multiply-add: this
 // core is built with -ffp-contract=off and the vector paths use separate mul/sub), then cast once to out's dtype
 // with round to nearest even. So the result is bit-identical to extrapolate_reference, NaN/inf included (NaN

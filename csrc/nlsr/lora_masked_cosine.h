@@ -5,7 +5,7 @@
 
 namespace nlsr {
 
-// LoRA-mode similarity sums (SPEC §4) of W_x = (M_B*B_x)(M_A*A_x), x in {t, e}, never forming d_out x d_in:
+// LoRA-mode similarity sums (docs/algorithm.md §4) of W_x = (M_B*B_x)(M_A*A_x), x in {t, e}, never forming d_out x d_in:
 //   sums[0] = <W_t, W_e>_F = sum((B_t'^T B_e') * (A_t' A_e'^T)),  sums[1] = |W_t|_F^2,  sums[2] = |W_e|_F^2,
 // where X' is the masked factor. Stacking [A_t'; A_e'] (2r x d_in) and [B_t' | B_e'] (d_out x 2r), one symmetric
 // 2r x 2r Gram per side holds every r x r block needed: O(r^2 (d_in + d_out)) work. The Grams are accumulated in

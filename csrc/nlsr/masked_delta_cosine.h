@@ -5,7 +5,7 @@
 
 namespace nlsr {
 
-// The three sums of the dense-mode similarity (SPEC §4) over the masked entries, a = t - base, b = e - base:
+// The three sums of the dense-mode similarity (docs/algorithm.md §4) over the masked entries, a = t - base, b = e - base:
 //   sums[0] = sum m*a*b,  sums[1] = sum m*a^2,  sums[2] = sum m*b^2.
 // a and b are computed in fp32 (exact for bf16/fp16 inputs of close magnitude). The SIMD paths multiply and add in
 // fp32 within blocks of 256 elements (at most 16 products per lane) and add the block sums in fp64 (the portable

@@ -5,7 +5,7 @@
 
 namespace nlsr {
 
-// Restoration of one tensor (SPEC §6): out[i, j] = mask(i, j) ? cast(source[i, j]) : target[i, j].
+// Restoration of one tensor (docs/algorithm.md §6): out[i, j] = mask(i, j) ? cast(source[i, j]) : target[i, j].
 // Entries where the mask is clear are copied bit for bit; masked entries are source's bits when the dtypes match,
 // else source rounded to target's dtype (nearest even), exactly like source.to(target.dtype).
 // Preconditions (checked in Python): target, source and out hold rows x cols contiguous elements (out and target

@@ -5,7 +5,7 @@
 
 namespace nlsr {
 
-// Top-k mask of |x| over the whole matrix (SPEC §3, low_rank): exactly k entries are kept, every |x| above the k-th
+// Top-k mask of |x| over the whole matrix (docs/algorithm.md §3, low_rank): exactly k entries are kept, every |x| above the k-th
 // largest, then the entries equal to it in increasing flat (row-major) index (ties broken by lowest index).
 // Selection is a radix select on the bit pattern of |x| with one histogram per thread, no sort: bf16/fp16 take one
 // histogram pass (15-bit keys) and fp32 two (16 + 15 bits), then one pass writes the bits. Ordering of special

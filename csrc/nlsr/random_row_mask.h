@@ -3,7 +3,7 @@
 
 namespace nlsr {
 
-// A uniformly random k-subset of every row (SPEC §3 `random`), drawn by Floyd's algorithm from a counter-based
+// A uniformly random k-subset of every row (docs/algorithm.md §3 `random`), drawn by Floyd's algorithm from a counter-based
 // hash, so the bits depend only on (stream, row index, rows' length, k): not on the thread count, the rows asked
 // for alongside, or the order of calls. All arithmetic is on uint32, wrapping (the algorithm, bit for bit, is
 // the reference in nlsr_fast/ops/random_row_mask.py):

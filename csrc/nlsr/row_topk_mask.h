@@ -5,7 +5,7 @@
 
 namespace nlsr {
 
-// Per-row top-k mask of the fused score s[i, j] = (|W[i, j]| * col_scale[j]) * grad[i, j] (SPEC §3: wanda, snip,
+// Per-row top-k mask of the fused score s[i, j] = (|W[i, j]| * col_scale[j]) * grad[i, j] (docs/algorithm.md §3: wanda, snip,
 // magnitude), computed in fp32 in that order, one row at a time into a thread-local buffer (no score matrix).
 // Each row keeps exactly k entries: every score above the row's k-th largest, then the entries equal to it in
 // increasing column order (ties broken by lowest column index). Selection is a radix select on order-preserving

@@ -1,9 +1,10 @@
-"""Calibration data: JSONL safety prompts with responses (or preference pairs), formatted and tokenised (SPEC §3, §8).
+"""Calibration data: JSONL safety prompts with responses (or preference pairs), formatted and tokenised
+(docs/algorithm.md §3, §8).
 
 Each sample is `prompt ++ response` as token ids plus a boolean mask of the response positions: only response tokens
 count in statistics and losses, prompt tokens are context.
 
-Token rules (SPEC §8 "response tokens"):
+Token rules (docs/algorithm.md §8 "response tokens"):
   * prompt: the formatted prompt tokenised with the tokenizer's defaults (adds a BOS when the tokenizer does). With
     the "chat" template the text already carries the model's special tokens, so it is tokenised without adding any.
   * response, preset `paper`: tokenised without special tokens, all tokens kept.
@@ -126,8 +127,8 @@ class CalibrationSet:
 
 
 def format_prompt(prompt: str, template: str = "alpaca", tokenizer: Any = None) -> str:
-    """The prompt text for `template`: "alpaca" (SPEC §3, the authors' template) or "chat" (the tokenizer's chat
-    template applied to one user turn with add_generation_prompt=True)."""
+    """The prompt text for `template`: "alpaca" (docs/algorithm.md §3, the authors' template) or "chat" (the
+    tokenizer's chat template applied to one user turn with add_generation_prompt=True)."""
     if template == "alpaca":
         return ALPACA_TEMPLATE.format(prompt=prompt)
     if template == "chat":

@@ -1,4 +1,5 @@
-"""The gradient pass: per-sample gradient scores (snip, pref_snip) by a layer-streamed forward and backward (SPEC §3).
+"""The gradient pass: per-sample gradient scores (snip, pref_snip) by a layer-streamed forward and backward
+(docs/algorithm.md §3).
 
 Schedule: a streamed forward keeps every layer's input per micro-batch (on the CPU); the head gives each sample's
 loss and ∂L/∂h_L; a streamed backward then loads one layer at a time (ℓ = L−1 … 0), recomputes its forward with

@@ -1,9 +1,9 @@
-"""The low_rank score of a LoRA module from its r×r Gram, without storing activations (SPEC §3).
+"""The low_rank score of a LoRA module from its r×r Gram, without storing activations (docs/algorithm.md §3).
 
 For the A factor (r, d_in) the calibration outputs are Y = X·Aᵀ, YᵀY = G = Σ_t (A x_t)(A x_t)ᵀ (r, r), and
 W̃_A = V_k V_kᵀ A with V_k the top-k eigenvectors of G. For the B factor (d_out, r) the inputs are z_t = A x_t,
 Y_B = Z·Bᵀ, Y_BᵀY_B = B·G·Bᵀ, whose top-k eigenvectors are the top-k left singular vectors U_k of B·G^{1/2}
-(d_out, r), and W̃_B = U_k U_kᵀ B. k = ⌊s·r⌋ (min(d_out, d_in) = r for both factors), snapped as in SPEC §3.
+(d_out, r), and W̃_B = U_k U_kᵀ B. k = ⌊s·r⌋ (min(d_out, d_in) = r for both factors), snapped as in docs/algorithm.md §3.
 All of it is computed in float64 on the r×r Gram: O(r³ + r²·(d_in + d_out)) per module.
 """
 

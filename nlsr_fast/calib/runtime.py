@@ -1,5 +1,5 @@
-"""The model runtime of the calibration passes: a Llama-family decoder run one layer at a time (SPEC §3 "Streaming
-calibration").
+"""The model runtime of the calibration passes: a Llama-family decoder run one layer at a time (docs/algorithm.md §3
+"Streaming calibration").
 
 Only one decoder layer is resident at a time. A pass embeds every calibration sequence once, then for each layer ℓ
 materialises transformers' own decoder-layer class (built on the 'meta' device, then given the layer's tensors from
@@ -145,7 +145,7 @@ class _LoraLinear(nn.Module):
         xs = x[mask]  # (N, d_in)
         if z.dtype in (torch.float32, torch.float64):
             zs = z[mask].to(torch.float64)
-        else:  # low-precision forward: statistics from an fp32 product, as SPEC §3 asks for fp32 or wider
+        else:  # low-precision forward: statistics from an fp32 product, as docs/algorithm.md §3 asks for fp32 or wider
             zs = (xs.to(torch.float32) @ self.A32.T).to(torch.float64)
         st = self.stats
         st.gram += zs.T @ zs

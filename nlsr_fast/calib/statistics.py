@@ -1,4 +1,4 @@
-"""The statistics pass: forward-only calibration statistics, one decoder layer at a time (SPEC §3).
+"""The statistics pass: forward-only calibration statistics, one decoder layer at a time (docs/algorithm.md §3).
 
 `collect_lora_statistics` gathers, per adapted linear of a reference LoRA adapter, the r×r Gram of z_t = A·x_t
 (low_rank) and the squared inputs of both factors (wanda). `collect_dense_statistics` gathers, per target linear of

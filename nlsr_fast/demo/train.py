@@ -3,7 +3,7 @@ aligned LoRA adapter, and the fine-tuning "attack" that continues the aligned ad
 
 Every stage is a plain torch AdamW loop over small batches drawn from a seeded mixture of example pools. The loss is
 the next-token cross-entropy of the response tokens (response + eos) only; prompt tokens are context, as in
-realign's calibration (SPEC §3).
+realign's calibration (docs/algorithm.md §3).
 """
 
 from __future__ import annotations

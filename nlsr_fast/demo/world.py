@@ -37,7 +37,8 @@ __all__ = [
     "REFUSALS",
 ]
 
-# SPEC §3: the template realign's calibration uses; every training and evaluation text is formatted with it.
+# docs/algorithm.md §3: the template realign's calibration uses; every training and evaluation text is formatted with
+# it.
 ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{prompt}\n\n### Response:"

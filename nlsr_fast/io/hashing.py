@@ -1,4 +1,4 @@
-"""File hashes for the report's record of inputs, taken from the run's own reads (SPEC §7).
+"""File hashes for the report's record of inputs, taken from the run's own reads (docs/algorithm.md §7).
 
 A run's input files are hashed while they are read, not in a second pass. `BackgroundHasher(paths)` registers the
 files; each keeps a hash in file order from byte 0 up to a cursor `pos`. `read_tensor` (io/stream.py) looks up the

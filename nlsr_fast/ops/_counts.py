@@ -1,4 +1,4 @@
-"""The count rule of SPEC §3, in one place: a group of n entries keeps k = n - floor(s*n), s = 1 - keep.
+"""The count rule of docs/algorithm.md §3, in one place: a group of n entries keeps k = n - floor(s*n), s = 1 - keep.
 
 Every count in nlsr_fast goes through `snap`: s*n (or q*N) is snapped to the nearest integer when within 1e-9 of
 it, because in floating point (1 - 0.8)*160 is 31.999999999999993 (without the snap, keep_count(160, 0.8) would keep

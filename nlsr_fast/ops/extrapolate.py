@@ -1,4 +1,4 @@
-"""extrapolate: W_e = (1 + alpha) * W_a - alpha * W_0 (SPEC §2, dense mode), fp32 math, cast once."""
+"""extrapolate: W_e = (1 + alpha) * W_a - alpha * W_0 (docs/algorithm.md §2, dense mode), fp32 math, cast once."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""lora_masked_cosine: cosine of (M_B*B_t)(M_A*A_t) and (M_B*B_e)(M_A*A_e) through r x r Grams (SPEC §4)."""
+"""lora_masked_cosine: cosine of (M_B*B_t)(M_A*A_t) and (M_B*B_e)(M_A*A_e) through r x r Grams (docs/algorithm.md
+§4)."""
 
 from __future__ import annotations
 

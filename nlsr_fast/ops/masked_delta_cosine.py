@@ -1,4 +1,4 @@
-"""masked_delta_cosine: cos(M*(t - base), M*(e - base)) in one pass (SPEC §4, dense mode)."""
+"""masked_delta_cosine: cos(M*(t - base), M*(e - base)) in one pass (docs/algorithm.md §4, dense mode)."""
 
 from __future__ import annotations
 

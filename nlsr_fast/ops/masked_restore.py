@@ -1,4 +1,4 @@
-"""masked_restore: out = where(mask, source, target) (SPEC §6), bit-exact, in target's dtype."""
+"""masked_restore: out = where(mask, source, target) (docs/algorithm.md §6), bit-exact, in target's dtype."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """masked_gather / masked_scatter: the entries of a tensor under a PackedMask, as a 1-D tensor in row-major order,
-and back (the executor's stash of restoration values between its two passes, DESIGN "Scale").
+and back (the executor's stash of restoration values between its two passes, docs/architecture.md, "The two passes").
 
 Elements are moved as raw bits (nothing is rounded), so masked_scatter(t, m, masked_gather(s, m)) equals
 masked_restore(t, s, m) whenever s has t's dtype. masked_scatter also counts the masked entries whose bits changed

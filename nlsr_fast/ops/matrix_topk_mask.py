@@ -1,4 +1,4 @@
-"""matrix_topk_mask: top-k of |x| over the whole matrix (SPEC §3, low_rank)."""
+"""matrix_topk_mask: top-k of |x| over the whole matrix (docs/algorithm.md §3, low_rank)."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def matrix_topk_mask(
     Args:
         x: (d_out, d_in) or (n,), fp32/fp16/bf16.
         keep: share kept in [0, 1]; keeps n - floor((1 - keep) * n) entries, n = x.numel(), the product snapped to
-            the nearest integer when within 1e-9 of it (SPEC §3 "Counts").
+            the nearest integer when within 1e-9 of it (docs/algorithm.md §3 "Counts").
         k: optional exact count overriding `keep` (0 <= k <= n), e.g. the `official` preset's n - floor(s*n) - 1.
         backend: "reference" | "cpu" | "triton"; default picks the fastest available.
     Returns:

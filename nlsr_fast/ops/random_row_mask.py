@@ -1,4 +1,5 @@
-"""random_row_mask: a uniformly random subset of each row, drawn by a counter-based generator (SPEC §3, random).
+"""random_row_mask: a uniformly random subset of each row, drawn by a counter-based generator (docs/algorithm.md §3,
+random).
 
 The top `keep` share of each row of i.i.d. continuous scores is a uniformly random subset of that size, so the
 `random` method draws the subset directly, in O(k) per row, with no scores: Floyd's algorithm, its randomness
@@ -144,7 +145,7 @@ def random_row_mask(
     Args:
         shape: (rows, cols) of the mask, rows <= 2**32, cols < 2**32.
         keep: share kept per row in [0, 1]; each row keeps cols - floor((1 - keep) * cols) entries, the product
-            snapped to the nearest integer when within 1e-9 of it (SPEC §3 "Counts").
+            snapped to the nearest integer when within 1e-9 of it (docs/algorithm.md §3 "Counts").
         stream: int in [0, 2**32) selecting the random stream (see `random_stream`).
         k: optional exact per-row count overriding `keep` (0 <= k <= cols).
         device: where the mask goes (default CPU); it is always made on the host and moved (HOST_ONLY_REASON).

@@ -1,4 +1,5 @@
-"""row_topk_mask: per-row top-k of the fused score |W| * col_scale[j] * grad[i, j] (SPEC §3, wanda / snip)."""
+"""row_topk_mask: per-row top-k of the fused score |W| * col_scale[j] * grad[i, j] (docs/algorithm.md §3, wanda /
+snip)."""
 
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ def row_topk_mask(
     Args:
         weight: (d_out, d_in) fp32/fp16/bf16.
         keep: share kept per row in [0, 1]; each row keeps d_in - floor((1 - keep) * d_in) entries, the product
-            snapped to the nearest integer when within 1e-9 of it (SPEC §3 "Counts").
+            snapped to the nearest integer when within 1e-9 of it (docs/algorithm.md §3 "Counts").
         col_scale: optional (d_in,) non-negative per-column factor (wanda: sqrt of the mean squared input).
         grad: optional (d_out, d_in) non-negative factor (snip: summed |gradients|).
         k: optional exact per-row count overriding `keep` (0 <= k <= d_in).

@@ -1,4 +1,4 @@
-"""Stage 1: safety pre-amplification of the aligned LoRA adapter into the reference `e` (SPEC §2)."""
+"""Stage 1: safety pre-amplification of the aligned LoRA adapter into the reference `e` (docs/algorithm.md §2)."""
 
 from __future__ import annotations
 

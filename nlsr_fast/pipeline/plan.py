@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from nlsr_fast.calib.data import MAX_LINE_BYTES, read_calibration_records
-from nlsr_fast.config import Preset, RealignConfig
+from nlsr_fast.config import DATA_FREE_METHODS, Preset, RealignConfig
 
 __all__ = ["calibration_summary", "format_plan", "make_plan"]
 
@@ -105,7 +105,7 @@ def make_plan(
     largest = max(layer_bytes.values(), default=0)
     hidden = int(base.config.get("hidden_size", 0) or 0)
     n_params = sum(int(base.info(k).nbytes) // max(base.dtype(k).itemsize, 1) for k in base.keys())
-    needs_calib = config.method != "random"
+    needs_calib = config.method not in DATA_FREE_METHODS
     tokens = calibration["tokens_estimate"] if calibration else 0
     act_bytes = 4 if config.calib_dtype == "float32" else 2
     # Streamed calibration keeps every sequence's hidden state at one layer boundary, in and out.
@@ -167,7 +167,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         lines.append(f"calibration: {cal['samples_used']} of {cal['records']} samples from {cal['path']} "
                      f"(~{cal['tokens_estimate']} tokens)")
     else:
-        lines.append("calibration: none (method random)")
+        lines.append(f"calibration: none (method {cfg['method']})")
     est = plan["estimate"]
     lines.append(f"estimate: peak memory ~{_human(est['peak_memory_bytes'])} (largest layer "
                  f"{_human(est['largest_layer_bytes'])}, activations {_human(est['activation_bytes'])}), "

@@ -1,4 +1,4 @@
-"""Stage 3c: restoration t <- (1 - M)*t + M*e on the restored modules (SPEC §6)."""
+"""Stage 3c: restoration t <- (1 - M)*t + M*e on the restored modules (docs/algorithm.md §6)."""
 
 from __future__ import annotations
 

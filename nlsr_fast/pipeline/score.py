@@ -1,4 +1,4 @@
-"""Stage 2: safety-critical neurons, one mask per LoRA factor of the reference (SPEC §3).
+"""Stage 2: safety-critical neurons, one mask per LoRA factor of the reference (docs/algorithm.md §3).
 
 `masks_from_statistics` turns calibration statistics into masks (pure, no model); `score` runs the calibration
 engine the method needs and then calls it.

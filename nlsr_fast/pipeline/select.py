@@ -1,4 +1,4 @@
-"""Stage 3b: which modules to restore (SPEC §5): adaptive Bernoulli draw, threshold or fraction."""
+"""Stage 3b: which modules to restore (docs/algorithm.md §5): adaptive Bernoulli draw, threshold or fraction."""
 
 from __future__ import annotations
 

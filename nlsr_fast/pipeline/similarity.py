@@ -1,4 +1,5 @@
-"""Stage 3a: per-module similarity of the fine-tuned and reference adapters under the reference masks (SPEC §4)."""
+"""Stage 3a: per-module similarity of the fine-tuned and reference adapters under the reference masks
+(docs/algorithm.md §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Dense calibration (SPEC §3 "Dense mode"): the streamed dense statistics and snip scores against a plain full-model
+"""Dense calibration (docs/algorithm.md §3 "Dense mode"): the streamed dense statistics and snip scores against a
+plain full-model
 Hugging Face forward / autograd on the same weights.
 
 Tolerances (fp32 forward on both sides, the reference summed in float64; errors relative to the largest reference

@@ -1,4 +1,4 @@
-"""The streamed engine against the full HF model + PEFT adapter (SPEC §9 invariant 7) and the released schedule."""
+"""The streamed engine against the full HF model + PEFT adapter (docs/algorithm.md §9.7) and the released schedule."""
 
 from __future__ import annotations
 

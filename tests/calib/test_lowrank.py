@@ -1,4 +1,4 @@
-"""The Gram route of low_rank against an explicit SVD of the stored activations (SPEC §9 invariant 6)."""
+"""The Gram route of low_rank against an explicit SVD of the stored activations (docs/algorithm.md §9.6)."""
 
 from __future__ import annotations
 

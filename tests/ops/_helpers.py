@@ -1,5 +1,5 @@
 """Shared pieces of the op tests: backends, dtypes with tolerances, awkward shapes, readable ids, and asserts that
-say where and how much (STYLE T1-T5).
+say where and how much (CONTRIBUTING.md rules T1-T5).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def _first_indices(bad: torch.Tensor, limit: int = 5) -> list[tuple[int, ...]]:
 
 
 def assert_meta(name: str, out: torch.Tensor, ref: torch.Tensor) -> None:
-    """Shape, dtype and device agree (STYLE T8)."""
+    """Shape, dtype and device agree (CONTRIBUTING.md rule T8)."""
     assert isinstance(out, torch.Tensor), f"{name}: expected a tensor, got {type(out).__name__}"
     assert tuple(out.shape) == tuple(ref.shape), f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
     assert out.dtype == ref.dtype, f"{name}: dtype {out.dtype} != reference {ref.dtype}"

@@ -1,4 +1,4 @@
-"""tests/ops fixtures: seeds, NaN-poisoned allocations, device cache cleanup (STYLE T4)."""
+"""tests/ops fixtures: seeds, NaN-poisoned allocations, device cache cleanup (CONTRIBUTING.md rule T4)."""
 
 from __future__ import annotations
 

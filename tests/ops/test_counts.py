@@ -1,4 +1,5 @@
-"""The one count rule of SPEC §3 (ops/_counts.py): k = n - floor(s*n) with s*n snapped to an integer within 1e-9, the
+"""The one count rule of docs/algorithm.md §3 (ops/_counts.py): k = n - floor(s*n) with s*n snapped to an integer
+within 1e-9, the
 `fewer` offset of preset official, and the same snap under select's fraction rule ceil(q*N)."""
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def _frac(text: str) -> Fraction:
 
 
 def test_spec_case_160_at_08():
-    """SPEC §3: n = 160 at s = 0.8 keeps 32. (1 - 0.8) * 160 is 31.999999999999993 in floating point, so a naive
+    """docs/algorithm.md §3: n = 160 at s = 0.8 keeps 32. (1 - 0.8) * 160 is 31.999999999999993 in floating point, so
+    a naive
     floor((1 - s) * n) keeps 31."""
     assert math.floor((1 - 0.8) * 160) == 31
     assert keep_count_for_sparsity(160, 0.8) == 32

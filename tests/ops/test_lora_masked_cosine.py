@@ -1,4 +1,5 @@
-"""lora_masked_cosine: FA rule against a dense fp64 oracle, invariances (SPEC §9.5), zero norms, error paths."""
+"""lora_masked_cosine: FA rule against a dense fp64 oracle, invariances (docs/algorithm.md §9.5), zero norms, error
+paths."""
 
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ def test_lora_masked_cosine_self_is_one(backend, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scale_a, scale_b", [(1.9, 1.9), (0.3, 7.0), (2 * 0.9, 2 * 0.9)], ids=str)
 def test_lora_masked_cosine_reference_scale_invariant(backend, scale_a, scale_b):
-    """SPEC §9.5: S_m is unchanged when the reference factors are scaled by any c > 0."""
+    """docs/algorithm.md §9.5: S_m is unchanged when the reference factors are scaled by any c > 0."""
     a_t, b_t, a_e, b_e = _inputs(8, 37, 301, torch.float32)
     ma, mb = random_mask((8, 301)), random_mask((37, 8))
     c1 = lora_masked_cosine(a_t, b_t, a_e, b_e, ma, mb, backend=backend)

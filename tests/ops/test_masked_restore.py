@@ -86,7 +86,7 @@ def test_masked_restore_special_values_keep_their_bits(backend, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_masked_restore_all_false_returns_target_and_all_true_returns_source(backend, dtype):
-    """SPEC §9.3."""
+    """docs/algorithm.md §9.3."""
     target = torch.randn(37, 301, dtype=dtype)
     source = torch.randn(37, 301, dtype=dtype)
     assert_bitwise_equal(

@@ -48,7 +48,7 @@ def test_matrix_topk_mask_matches_reference(backend, dtype, shape, keep):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", shape_params([(10, 16), (160,), (1, 160), (160, 1)]))
 def test_matrix_topk_mask_spec_count_n160(backend, shape):
-    """SPEC §3: a group of n = 160 at s = 0.8 keeps exactly 32."""
+    """docs/algorithm.md §3: a group of n = 160 at s = 0.8 keeps exactly 32."""
     mask = _check(backend, torch.randn(shape), 0.2)
     assert mask.count() == 32
 

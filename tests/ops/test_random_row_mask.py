@@ -22,7 +22,8 @@ BACKENDS = backends(OP)
 M32 = 0xFFFFFFFF
 STREAMS = [0, 1, 0x9E3779B9, M32]
 
-# Awkward widths around a byte (1, 7, 8, 9), SPEC's n = 160, a wide row, and rows of a 70B LoRA B / MLP width.
+# Awkward widths around a byte (1, 7, 8, 9), the n = 160 of docs/algorithm.md §3, a wide row, and rows of a 70B LoRA
+# B / MLP width.
 SHAPES = [(1, 1), (5, 1), (3, 7), (4, 8), (6, 9), (37, 160), (13, 1000), (3, 28672), (300, 128)]
 
 
@@ -87,7 +88,7 @@ def test_random_row_mask_explicit_k(backend, k, stream):
     "keep, expected", [(0.2, 32), (0.0, 0), (1.0, 160), (0.5, 80), (0.3, 48), (0.01, 2)], ids=lambda v: str(v)
 )
 def test_random_row_mask_spec_counts_n160(backend, keep, expected):
-    """SPEC §3: n = 160 at s = 0.8 keeps exactly 32 per row (the count rule of row_topk_mask)."""
+    """docs/algorithm.md §3: n = 160 at s = 0.8 keeps exactly 32 per row (the count rule of row_topk_mask)."""
     assert keep_count(160, keep) == expected
     mask = _check(backend, (9, 160), keep, 3)
     assert mask.count() == 9 * expected

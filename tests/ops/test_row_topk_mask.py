@@ -62,7 +62,7 @@ def test_row_topk_mask_matches_reference(backend, dtype, shape, variant):
     ids=lambda v: str(v),
 )
 def test_row_topk_mask_spec_counts_n160(backend, keep, expected):
-    """SPEC §3: n = 160, s = 0.8 keeps exactly 32 (a naive ceil((1-s)*n) keeps 33)."""
+    """docs/algorithm.md §3: n = 160, s = 0.8 keeps exactly 32 (a naive ceil((1-s)*n) keeps 33)."""
     w = torch.randn(6, 160)
     assert keep_count(160, keep) == expected
     mask = _check(backend, w, keep)

@@ -1,4 +1,4 @@
-"""tests/pipeline fixtures: a tiny sharded Llama world on disk, made once per session (STYLE T7)."""
+"""tests/pipeline fixtures: a tiny sharded Llama world on disk, made once per session (CONTRIBUTING.md rule T7)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Dense mode end to end on tiny full checkpoints: every supported method, checked entry by entry against an
-independent fp64 torch computation of SPEC §2-§6 (reference, counts, similarity, restoration, copies)."""
+independent fp64 torch computation of docs/algorithm.md §2-§6 (reference, counts, similarity, restoration, copies)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 def _check_output(out: Path, w0: dict, wa: dict, wt: dict, *, alpha: float = 0.9, sparsity: float = 0.8,
                   magnitude: bool = False, random_seed: int | None = None) -> Report:
-    """SPEC §2-§6 of dense mode against the output folder, in fp64 torch."""
+    """docs/algorithm.md §2-§6 of dense mode against the output folder, in fp64 torch."""
     rep = Report.from_json(out / "report.json")
     assert rep.mode == "dense"
     got = _read(out)
@@ -74,7 +74,8 @@ def _check_output(out: Path, w0: dict, wa: dict, wt: dict, *, alpha: float = 0.9
         m = masks[name].to_bool()
         keep = keep_count(m.shape[1], 1.0 - sparsity)
         assert (m.sum(1) == keep).all(), f"{name}: rows keep {m.sum(1).tolist()}, want {keep}"
-        if random_seed is not None:  # SPEC: the reference sampler with the stream of (seed, module name)
+        # docs/algorithm.md §3: the reference sampler with the stream of (seed, module name)
+        if random_seed is not None:
             want = random_row_mask_reference(tuple(m.shape), keep, random_stream(random_seed, name))
             assert masks[name].equal(want), f"{name}: not the reference sampler's mask"
         e = (1 + alpha) * wa[key].double() - alpha * w0[key].double()
@@ -167,6 +168,16 @@ def test_dense_refuses_low_rank_and_pref_snip_with_reason(dw: DenseWorld, tmp_pa
             nlsr_fast.realign(dw.base, dw.aligned, dw.finetuned, tmp_path / method, method=method,
                               calibration=dw.calibration, quiet=True)
         assert not (tmp_path / method).exists()
+
+
+def test_dense_dry_run_plan_of_a_data_free_method(dw: DenseWorld, tmp_path: Path) -> None:
+    """magnitude needs no calibration: the plan reads none of the base for it and says why."""
+    report = nlsr_fast.realign(dw.base, dw.aligned, dw.finetuned, tmp_path / "out", method="magnitude",
+                               mode="dense", dry_run=True, quiet=True)
+    assert report.plan is not None
+    assert report.plan["estimate"]["base_read_bytes"] == 0 and report.plan["estimate"]["calibration_flops"] == 0
+    assert "calibration: none (method magnitude)" in report.table()
+    assert not (tmp_path / "out").exists()
 
 
 def test_dense_nonfinite_input_refused_naming_file_tensor_index(dw: DenseWorld, tmp_path: Path) -> None:

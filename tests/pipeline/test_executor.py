@@ -42,7 +42,7 @@ def shared(world: World) -> dict:
 
 
 def _compose(world: World, shared: dict, method: str, preset: str) -> dict:
-    """SPEC §2-§6 in memory, with the dict-based stage functions, as an embedding user would write it."""
+    """docs/algorithm.md §2-§6 in memory, with the dict-based stage functions, as an embedding user would write it."""
     from nlsr_fast.calib.data import load_calibration
 
     ft, al, base = shared["ft"], shared["al"], shared["base"]

@@ -1,4 +1,5 @@
-"""End-to-end `realign` on the tiny sharded Llama world: output = SPEC §6 entry by entry, report, masks, errors."""
+"""End-to-end `realign` on the tiny sharded Llama world: output = docs/algorithm.md §6 entry by entry, report, masks,
+errors."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def _check_spec6(world: World, out: Path, ref_factor: float | None, reference: Path | None = None) -> Report:
-    """The output equals SPEC §6 entry by entry, against masks.safetensors and report.json."""
+    """The output equals docs/algorithm.md §6 entry by entry, against masks.safetensors and report.json."""
     rep = Report.from_json(out / "report.json")
     ft = LoraAdapter.load(world.finetuned)
     al = LoraAdapter.load(reference or world.aligned)
@@ -182,7 +183,8 @@ def test_every_method_end_to_end(world: World, tmp_path: Path, method: str) -> N
         r, d_in = ft.module(name).rank, ft.module(name).d_in
         assert masks[f"{name}.lora_A"].row_counts().tolist() == [d_in - math.floor(0.8 * d_in)] * r
         assert masks[f"{name}.lora_B"].row_counts().tolist() == [r - math.floor(0.8 * r)] * ft.module(name).d_out
-        if method == "random":  # SPEC: the reference sampler, stream (seed, mask key); seed defaults to 42
+        # docs/algorithm.md §3: the reference sampler, stream (seed, mask key); seed defaults to 42
+        if method == "random":
             for key, shape in ((f"{name}.lora_A", (r, d_in)), (f"{name}.lora_B", (ft.module(name).d_out, r))):
                 want = random_row_mask_reference(shape, keep_count(shape[1], 0.2), random_stream(42, key))
                 assert masks[key].equal(want), f"{key}: not the reference sampler's mask"
@@ -201,7 +203,7 @@ def test_official_preset(world: World, tmp_path: Path) -> None:
 
 
 def test_official_alpha_half_restores_aligned_values(world: World, tmp_path: Path) -> None:
-    # SPEC §9.4 through the whole pipeline: all-true masks + everything restored returns e == a exactly.
+    # docs/algorithm.md §9.4 through the whole pipeline: all-true masks + everything restored returns e == a exactly.
     out = tmp_path / "o"
     nlsr_fast.realign(world.base, world.aligned, world.finetuned, out, preset="official", alpha=0.5,
                       method="random", sparsity=0.0, selection="fraction", fraction=1.0, quiet=True)

@@ -111,7 +111,7 @@ def test_amplify_official_is_two_alpha_and_identity_at_half() -> None:
     e = amplify(f, 0.9, "official")
     for name, (a, b) in f.items():
         assert torch.equal(e[name][0], a * 1.8) and torch.equal(e[name][1], b * 1.8)
-    # SPEC §9.4: official alpha = 0.5 makes e equal to a, bit for bit.
+    # docs/algorithm.md §9.4: official alpha = 0.5 makes e equal to a, bit for bit.
     e = amplify(f, 0.5, PRESETS["official"])
     for name, (a, b) in f.items():
         assert torch.equal(e[name][0], a) and torch.equal(e[name][1], b)

@@ -1,4 +1,5 @@
-"""Pass 2 writes every output file once, front to back, and hashes it as it writes (DESIGN "Scale"): the planned
+"""Pass 2 writes every output file once, front to back, and hashes it as it writes (docs/architecture.md, "The two
+passes"): the planned
 writer's digest against hashlib, the manifest taking it without reading the file again, the stash of restore values
 between the passes, and the output of a realign written exactly once."""
 
