@@ -450,12 +450,11 @@ def _run(config: RealignConfig, inputs: _Inputs, calib: Any, out_p: Path, *, ove
         journal.remove()
         report = _report(config, inputs, calib, run, executed, hasher, out_p, nonfinite)
         report.counts.update({f"resumed_{kind}": n for kind, n in journal.resumed.items()})
-        run.finish(report)
-        known_digests.update(run.written_digests())
         from nlsr_fast.pipeline.write import PLOT_FILE, REPORT_FILE, folder_bytes
 
-        if not report.plot(Path(tmp) / PLOT_FILE):
-            log.warning("similarity plot skipped (matplotlib missing)")
+        report.plot(Path(tmp) / PLOT_FILE)  # before the card, which names the plot only when it exists
+        run.finish(report)
+        known_digests.update(run.written_digests())
         report.bytes_written = folder_bytes(tmp)
         report.timings = {**progress.timings, "total": round(time.perf_counter() - t_start, 4)}
         report.to_json(Path(tmp) / REPORT_FILE)

@@ -42,11 +42,12 @@ _INPUT_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, NotImplemen
 def _add_realign(sub: Any) -> None:
     p = sub.add_parser(
         "realign",
-        help="realign a fine-tuned LoRA adapter with NLSR",
-        description="Restore the safety-critical neurons of a fine-tuned LoRA adapter from the (amplified) "
-        "safety-aligned adapter (NLSR, arXiv 2412.12497). Flags override --config values, which override defaults. "
+        help="realign a fine-tuned model (LoRA adapter or checkpoint) with NLSR",
+        description="Restore the safety-critical neurons of a fine-tuned model from the (amplified) safety-aligned "
+        "model (NLSR, arXiv 2412.12497). Flags override --config values, which override defaults. "
         "BASE, ALIGNED, FINETUNED and --reference are folders or Hugging Face ids (org/name, org/name@revision) "
-        "already in the local cache ($HF_HOME); a local path wins over an id of the same spelling.",
+        "already in the local cache ($HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub); nothing is "
+        "downloaded, and a local path wins over an id of the same spelling.",
     )
     p.add_argument("base", help="base checkpoint folder (sharded safetensors + config + tokenizer)")
     p.add_argument("aligned", help="safety-aligned model: PEFT LoRA adapter on BASE, or full checkpoint (dense)")

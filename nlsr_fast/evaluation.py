@@ -380,6 +380,7 @@ def run(args: argparse.Namespace) -> int:
     """Everything the command does; bad input raises ValueError / FileNotFoundError before any model is loaded."""
     from nlsr_fast.demo.judge import label
 
+    evaluated = args.model + (f" with adapter {args.adapter}" if args.adapter else "")  # as given, before resolving
     hub = check_options(args)
     prompts = load_prompts(args.harmful)[: args.limit]
     task = load_task(args.task)[: args.limit] if args.task else []
@@ -400,6 +401,7 @@ def run(args: argparse.Namespace) -> int:
         for r, v in zip(harmful, judge.unsafe(prompts, outs), strict=True):
             r["unsafe"] = v
     scores = score(harmful, task_rows)
+    print(f"{evaluated}, harmful prompts {args.harmful}" + (f", task {args.task}" if args.task else ""))
     print(table(scores))
     if args.out:
         settings = {**{k: v for k, v in vars(args).items() if k not in ("quiet",)}, "hub": hub}

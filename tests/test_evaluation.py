@@ -82,7 +82,9 @@ def test_eval_end_to_end(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
         assert pct == pytest.approx(100 * k / n) and ci == pytest.approx([100 * x for x in wilson(k, n)])
     k = sum(label(r["output"]) != "refuses" for r in rows)
     assert first["scores"]["not_refused"][0] == pytest.approx(100 * k / n)
-    assert "| answers % |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| answers % |" in printed
+    assert printed.splitlines()[0] == f"{tiny}, harmful prompts {tmp_path / 'h.jsonl'}"  # what was evaluated
     # task: item 0's answer is the first word the model gives it, item 1's is not: exactly one is correct
     task_prompts = ["what is two plus two", "what is four plus five"]
     probe = _eval(tmp_path, tiny, "--task", str(_write(tmp_path / "t.jsonl", [{"prompt": q, "answer": "x"}

@@ -151,7 +151,7 @@ def format_plan(plan: dict[str, Any]) -> str:
     """The plan as text for stdout."""
     cfg = plan["config"]
     lines = [f"dry run: nothing written; would write {plan['paths'].get('out')}",
-             f"preset {cfg['preset']}, method {cfg['method']}, sparsity {cfg['sparsity']}, "
+             f"{plan['mode']} mode, preset {cfg['preset']}, method {cfg['method']}, sparsity {cfg['sparsity']}, "
              f"selection {cfg['selection']}, device {plan['device']}",
              f"reference: {plan['reference']}",
              f"{plan['counts']['modules']} modules matched over {plan['counts']['layers']} layers:"]

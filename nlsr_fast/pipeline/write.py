@@ -97,6 +97,7 @@ class MasksFile:
 def write_card(path: str | os.PathLike[str], *, base_model: str | None, report: Any) -> None:
     """README.md model card with YAML front matter (base_model, library_name: peft, tags)."""
     cfg = report.config
+    plotted = (Path(path).parent / PLOT_FILE).is_file()
     front = ["---"]
     if base_model:
         front.append(f"base_model: {json.dumps(base_model)}")
@@ -116,7 +117,7 @@ def write_card(path: str | os.PathLike[str], *, base_model: str | None, report: 
         f"- selection `{cfg.get('selection')}` (prune rate {cfg.get('prune_rate')}, epsilon {cfg.get('epsilon')}, "
         f"seed {cfg.get('seed')})",
         f"- restored {restored} of {modules} modules; `report.json` lists every module, `masks.safetensors` holds",
-        "  the masks and `similarity.png` plots the per-module similarity.",
+        "  the masks" + (" and `similarity.png` plots the per-module similarity." if plotted else "."),
         "",
         "Load it with PEFT on its base model:",
         "",

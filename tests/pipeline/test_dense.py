@@ -177,6 +177,7 @@ def test_dense_dry_run_plan_of_a_data_free_method(dw: DenseWorld, tmp_path: Path
     assert report.plan is not None
     assert report.plan["estimate"]["base_read_bytes"] == 0 and report.plan["estimate"]["calibration_flops"] == 0
     assert "calibration: none (method magnitude)" in report.table()
+    assert "dense mode, preset paper, method magnitude" in report.table()
     assert not (tmp_path / "out").exists()
 
 

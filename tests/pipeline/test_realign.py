@@ -115,6 +115,18 @@ def test_default_run_config_card_and_plot(world: World, default_run) -> None:
     cfg = json.loads((world.finetuned / "adapter_config.json").read_text())
     assert meta["base_model"] == cfg["base_model_name_or_path"]
     assert (out / "similarity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "`similarity.png` plots the per-module similarity" in card
+
+
+def test_card_names_no_plot_that_was_not_written(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without matplotlib there is no similarity.png, and the model card does not point to one."""
+    monkeypatch.setattr(nlsr_fast.Report, "plot", lambda self, path: False)
+    out = tmp_path / "out"
+    nlsr_fast.realign(world.base, world.aligned, world.finetuned, out, method="random", quiet=True)
+    card = (out / "README.md").read_text()
+    assert not (out / "similarity.png").exists() and "similarity.png" not in card
+    assert "`masks.safetensors` holds\n  the masks." in card
+    assert "similarity.png" not in json.loads((out / "manifest.json").read_text())["files"]
 
 
 def test_report_contents(world: World, default_run) -> None:
