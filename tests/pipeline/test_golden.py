@@ -16,8 +16,9 @@ HERE = Path(__file__).resolve().parent
 
 def test_outputs_bit_for_bit_as_recorded() -> None:
     pytest.importorskip("peft")
-    run = subprocess.run([sys.executable, str(HERE / "golden_outputs.py"), "--check", str(HERE / "golden_outputs.json")],
-                         env=pinned_environ(), capture_output=True, text=True)
+    script, recorded = HERE / "golden_outputs.py", HERE / "golden_outputs.json"
+    run = subprocess.run([sys.executable, str(script), "--check", str(recorded)], env=pinned_environ(),
+                         capture_output=True, text=True)
     if run.returncode == 3:  # not an x86-64 CPU with AVX2, no C++ extension, or other package versions
         pytest.skip(run.stderr.strip().splitlines()[-1])
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
