@@ -12,17 +12,19 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from nlsr_fast.config import DATA_FREE_METHODS, MODE_METHODS, RealignConfig
+from nlsr_fast import methods
+from nlsr_fast.config import RealignConfig
 from nlsr_fast.distributed import Dist
 from nlsr_fast.io.finite import NonFinite
 from nlsr_fast.report import ModuleRecord, Report, versions
 from nlsr_fast.resume import Journal, fingerprint, resumable
+from nlsr_fast.runs import Inputs
 
 __all__ = ["realign", "realign_with_config"]
 
@@ -106,37 +108,6 @@ class _Progress:
             bar.close()
 
 
-@dataclass
-class _Inputs:
-    """The run's inputs, opened and checked (headers only), and what the mode needs of them."""
-
-    mode: str
-    base: Any
-    finetuned: Any
-    aligned: Any
-    reference: Any
-    modules: list[str]
-    paths: dict[str, Path | None]
-    calibration: Any = None
-    extras: dict[str, Any] = field(default_factory=dict)
-    extra_records: list[dict[str, Any]] = field(default_factory=list)
-    hub: dict[str, dict[str, Any]] = field(default_factory=dict)  # role -> Hub id, revision, commit (report.json)
-
-    def record(self, role: str, **fields: Any) -> dict[str, Any]:
-        """`fields` of an input's report.json record, plus its Hub id, revision and commit when it was given by id."""
-        return {**fields, **({"hub": self.hub[role]} if role in self.hub else {})}
-
-    def files(self, role: str) -> list[Path]:
-        model = {"finetuned": self.finetuned, "aligned": self.aligned, "reference": self.reference}.get(role)
-        if role == "base":
-            folder = self.base.folder
-            meta = [p for p in (folder / "config.json", self.base.index_file) if p is not None and p.is_file()]
-            return [*meta, *self.base.files]
-        if role == "calibration":
-            return [self.paths["calibration"]] if self.paths["calibration"] is not None else []
-        return list(model.files) if model is not None else []
-
-
 def _is_adapter(path: Path) -> bool:
     from nlsr_fast.io.adapter import ADAPTER_CONFIG
 
@@ -176,16 +147,17 @@ def _resolve_mode(config: RealignConfig, ft: Any, aligned: Any, reference: Any) 
     if config.mode == "lora" and why_not is not None:
         raise ValueError(f"mode lora: {why_not}")
     mode = config.mode if config.mode != "auto" else ("lora" if why_not is None else "dense")
-    if config.method not in MODE_METHODS[mode]:
+    try:
+        methods.get(config.method, mode)
+    except ValueError as exc:
         detail = "" if config.mode != "auto" else f" (mode auto chose {mode}: {why_not or 'adapters match'})"
-        raise ValueError(f"method {config.method!r} is not available in {mode} mode{detail}; choose one of "
-                         f"{list(MODE_METHODS[mode])}")
+        raise ValueError(f"{exc}{detail}") from None
     log.info("mode %s%s", mode, "" if config.mode != "auto" else " (auto)")
     return mode
 
 
 def _open_inputs(config: RealignConfig, base_p: Path, aligned_p: Path, ft_p: Path, ref_p: Path | None,
-                 calib_p: Path | None, nonfinite: NonFinite) -> _Inputs:
+                 calib_p: Path | None, nonfinite: NonFinite) -> Inputs:
     """Open and check every input from headers alone, before any computation (a dry run stops after this)."""
     from nlsr_fast.io import CheckpointReader, check_adapter_matches_base, check_compatible
 
@@ -209,7 +181,7 @@ def _open_inputs(config: RealignConfig, base_p: Path, aligned_p: Path, ft_p: Pat
         for adapter in (ft, aligned, reference):
             _check_float_factors(adapter)
         extras, records = plan_extras(ft, aligned, base, config.extra_tensors, nonfinite)
-        inputs = _Inputs(mode, base, ft, aligned, reference, ft.modules, paths, extras=extras, extra_records=records)
+        inputs = Inputs(mode, base, ft, aligned, reference, ft.modules, paths, extras=extras, extra_records=records)
     else:
         inputs = _open_dense(config, base, ft, aligned, reference, paths, nonfinite)
     _check_calibration_file(config, calib_p)
@@ -230,7 +202,7 @@ def _check_float_factors(adapter: Any) -> None:
 
 
 def _open_dense(config: RealignConfig, base: Any, ft: Any, aligned: Any, reference: Any,
-                paths: dict[str, Path | None], nonfinite: NonFinite) -> _Inputs:
+                paths: dict[str, Path | None], nonfinite: NonFinite) -> Inputs:
     from nlsr_fast.dense import DEFAULT_TARGETS, DenseInput, dense_targets
     from nlsr_fast.io import LoraAdapter, check_adapter_matches_base
 
@@ -262,12 +234,11 @@ def _open_dense(config: RealignConfig, base: Any, ft: Any, aligned: Any, referen
                 if not other.dtype(key).is_floating_point:
                     raise ValueError(f"dense mode: target {key!r} in {other.folder} is {other.dtype(key)}, not a "
                                      "float weight")
-    return _Inputs("dense", base, models["finetuned"], models.get("aligned"), models.get("reference"), targets, paths)
+    return Inputs("dense", base, models["finetuned"], models.get("aligned"), models.get("reference"), targets, paths)
 
 
 def _check_calibration_file(config: RealignConfig, calib_p: Path | None) -> None:
-    needs = config.method not in DATA_FREE_METHODS
-    if needs and calib_p is None:
+    if config.method_spec.needs_calibration and calib_p is None:
         raise ValueError(f"method {config.method!r} needs calibration data (calibration=..., --calibration FILE)")
     if calib_p is not None:
         from nlsr_fast.calib.data import check_calibration_path
@@ -275,10 +246,10 @@ def _check_calibration_file(config: RealignConfig, calib_p: Path | None) -> None
         check_calibration_path(calib_p)
 
 
-def _load_calibration(config: RealignConfig, inputs: _Inputs) -> Any:
+def _load_calibration(config: RealignConfig, inputs: Inputs) -> Any:
     """Tokenised calibration samples (every method but random and magnitude), or None."""
     calib_p = inputs.paths["calibration"]
-    if config.method in DATA_FREE_METHODS:
+    if not config.method_spec.needs_calibration:
         return None
     assert calib_p is not None
     from transformers import AutoTokenizer
@@ -294,7 +265,7 @@ def _load_calibration(config: RealignConfig, inputs: _Inputs) -> Any:
     calib = load_calibration(calib_p, tokenizer, nsamples=config.nsamples,
                              max_response_tokens=config.max_response_tokens, seed=config.seed,
                              template=config.template, preset=config.preset_spec,
-                             pairs=config.method == "pref_snip",
+                             pairs=config.method_spec.needs is methods.Needs.PAIRS,
                              max_context=inputs.base.config.get("max_position_embeddings"))
     if len(calib) == 0:
         raise ValueError(f"calibration file {calib_p} gave no samples")
@@ -392,15 +363,15 @@ def _hold_lock(stack: contextlib.ExitStack, lock: Any) -> bool:
     return True
 
 
-def _dry_run(config: RealignConfig, inputs: _Inputs, out_p: Path) -> Report:
+def _dry_run(config: RealignConfig, inputs: Inputs, out_p: Path) -> Report:
     from nlsr_fast.pipeline.plan import calibration_summary, format_plan, make_plan
 
     summary = None
     calib_p = inputs.paths["calibration"]
-    if calib_p is not None and config.method not in DATA_FREE_METHODS:
+    if calib_p is not None and config.method_spec.needs_calibration:
         summary = calibration_summary(calib_p, nsamples=config.nsamples,
                                       max_response_tokens=config.max_response_tokens,
-                                      pairs=config.method == "pref_snip")
+                                      pairs=config.method_spec.needs is methods.Needs.PAIRS)
         if summary["records"] == 0:
             raise ValueError(f"calibration file {calib_p} is empty (no valid samples)")
         _load_calibration(config, inputs)  # the tokenizer and every sample, as the real run will see them
@@ -411,10 +382,11 @@ def _dry_run(config: RealignConfig, inputs: _Inputs, out_p: Path) -> Report:
     log.info("%s", format_plan(plan))
     return Report(inputs={k: inputs.record(k, path=v) for k, v in paths.items() if v and k != "out"}, output=None,
                   versions=versions(), config=config.to_dict(), preset=asdict(config.preset_spec),
-                  counts={"modules": len(inputs.modules)}, dry_run=True, plan=plan, mode=inputs.mode)
+                  method=config.method_spec.record(), counts={"modules": len(inputs.modules)}, dry_run=True,
+                  plan=plan, mode=inputs.mode)
 
 
-def _run(config: RealignConfig, inputs: _Inputs, calib: Any, out_p: Path, *, overwrite: bool, force: bool,
+def _run(config: RealignConfig, inputs: Inputs, calib: Any, out_p: Path, *, overwrite: bool, force: bool,
          nonfinite: NonFinite, progress: _Progress, t_start: float, dist: Dist, run_print: str) -> Report | None:
     """Calibrate, execute and write the output folder through `<out>.partial` (rank 0 owns the folder; the other
     ranks write their modules into it and return None)."""
@@ -461,19 +433,20 @@ def _run(config: RealignConfig, inputs: _Inputs, calib: Any, out_p: Path, *, ove
     return report
 
 
-def _build(config: RealignConfig, inputs: _Inputs, calib: Any, tmp: Path, nonfinite: NonFinite,
+def _build(config: RealignConfig, inputs: Inputs, calib: Any, tmp: Path, nonfinite: NonFinite,
            progress: _Progress, dist: Dist, journal: Journal) -> Any:
     """The mode's run; rank 0 plans (creates) the output files before the other ranks open them."""
-    from nlsr_fast.runs import DenseRun, LoraRun
+    from nlsr_fast.runs import DenseRun, LoraRun, RunContext
 
     cls = LoraRun if inputs.mode == "lora" else DenseRun
-    args = (config, inputs, calib, tmp, nonfinite, progress, _resolve_device(config.device), dist, journal)
-    run = cls(*args) if dist.root else None
+    ctx = RunContext(config=config, inputs=inputs, calib=calib, tmp=tmp, nonfinite=nonfinite, progress=progress,
+                     device=_resolve_device(config.device), dist=dist, journal=journal)
+    run = cls(ctx) if dist.root else None
     dist.barrier()
-    return run if run is not None else cls(*args)
+    return run if run is not None else cls(ctx)
 
 
-def _report(config: RealignConfig, inputs: _Inputs, calib: Any, run: Any, executed: Any, hasher: Any, out_p: Path,
+def _report(config: RealignConfig, inputs: Inputs, calib: Any, run: Any, executed: Any, hasher: Any, out_p: Path,
             nonfinite: NonFinite) -> Report:
     from nlsr_fast.io.adapter import layer_of
 
@@ -481,7 +454,7 @@ def _report(config: RealignConfig, inputs: _Inputs, calib: Any, run: Any, execut
     restored = set(executed.restored)
     chosen = executed.selection
     for i, name in enumerate(inputs.modules):
-        keys = run.space.mask_keys(name)
+        key_a, key_b = run.record_keys(name)
         dens = executed.densities[name]
         changed = executed.changed.get(name, {})
         shapes = run.mask_shapes
@@ -490,9 +463,9 @@ def _report(config: RealignConfig, inputs: _Inputs, calib: Any, run: Any, execut
             name=name, layer=-1 if layer is None else layer, similarity=float(executed.similarities[name]),
             probability=None if chosen.probabilities is None else chosen.probabilities[i],
             draw=None if chosen.draws is None else chosen.draws[i], restored=name in restored,
-            density_a=dens[keys[0]], density_b=dens[keys[1]] if len(keys) > 1 else 0.0,
-            changed_a=changed.get(keys[0], 0), changed_b=changed.get(keys[1], 0) if len(keys) > 1 else 0,
-            shape_a=list(shapes[keys[0]]), shape_b=list(shapes[keys[1]]) if len(keys) > 1 else [],
+            density_a=dens[key_a], density_b=0.0 if key_b is None else dens[key_b],
+            changed_a=changed.get(key_a, 0), changed_b=0 if key_b is None else changed.get(key_b, 0),
+            shape_a=list(shapes[key_a]), shape_b=[] if key_b is None else list(shapes[key_b]),
         ))
     hashed = hasher.records()
     input_records: dict[str, Any] = {}
@@ -505,7 +478,7 @@ def _report(config: RealignConfig, inputs: _Inputs, calib: Any, run: Any, execut
     meta = calib.meta if calib is not None else {}
     return Report(
         inputs=input_records, output=str(out_p), versions=versions(), config=config.to_dict(),
-        preset=asdict(config.preset_spec), modules=records, mode=inputs.mode,
+        preset=asdict(config.preset_spec), method=config.method_spec.record(), modules=records, mode=inputs.mode,
         counts={"modules": len(inputs.modules), "restored": len(restored),
                 "calibration_samples": len(calib) if calib is not None else 0,
                 "calibration_response_tokens": int(meta.get("response_tokens", 0)),

@@ -14,11 +14,11 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from nlsr_fast import methods
 from nlsr_fast.config import (
     BACKENDS,
     CALIB_DTYPES,
     EXTRA_TENSORS,
-    METHODS,
     MODES,
     PRESETS,
     SCORE_ON,
@@ -59,7 +59,10 @@ def _add_realign(sub: Any) -> None:
     p.add_argument("--reference", metavar="DIR|ID", help="ready reference (adapter, or checkpoint in dense mode); "
                    "skips amplification")
     p.add_argument("--preset", choices=sorted(PRESETS), help="paper (default) or official (the released code)")
-    p.add_argument("--method", choices=METHODS, help="neuron score (default low_rank)")
+    p.add_argument("--method", choices=methods.names(), metavar="METHOD",
+                   help=f"the neuron score (default {methods.DEFAULT}): "
+                   + "; ".join(f"{n} ({', '.join(m.modes)}): {m.summary}" for n, m in methods.METHODS.items())
+                   .replace("%", "%%"))
     p.add_argument("--sparsity", type=float, help="sparsity s; masks keep the top 1-s (default 0.8)")
     p.add_argument("--alpha", type=float, help="amplification coefficient (default 0.9)")
     p.add_argument("--selection", choices=SELECTIONS, help="module selection rule (default adaptive)")

@@ -7,14 +7,14 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+from nlsr_fast import methods
+
 __all__ = [
     "BACKENDS",
     "CALIB_DTYPES",
     "EXTRA_TENSORS",
     "METHODS",
     "MODES",
-    "MODE_METHODS",
-    "DATA_FREE_METHODS",
     "SCORE_ON",
     "PRESETS",
     "SELECTIONS",
@@ -24,14 +24,8 @@ __all__ = [
     "resolve_preset",
 ]
 
-METHODS = ("low_rank", "wanda", "snip", "pref_snip", "random", "magnitude")
-#: Methods each mode supports. Dense low_rank would need a d_in x d_in Gram and its eigen-decomposition per linear
-#: (28672^2 fp64 = 6.6 GB and ~10^13 flops for one Llama-3-70B down_proj, 80 of them), and dense pref_snip two
-#: models' forwards and a backward per pair: both are refused. LoRA magnitude has no delta to rank.
-MODE_METHODS = {"lora": ("low_rank", "wanda", "snip", "pref_snip", "random"),
-                "dense": ("magnitude", "random", "wanda", "snip")}
-#: Methods that score without calibration data.
-DATA_FREE_METHODS = ("random", "magnitude")
+#: The method names (their declarations, modes and needs: nlsr_fast.methods).
+METHODS = methods.names()
 MODES = ("auto", "lora", "dense")
 SCORE_ON = ("delta", "weight")
 EXTRA_TENSORS = ("refuse", "restore", "keep")
@@ -185,7 +179,7 @@ class RealignConfig:
     """
 
     preset: str = "paper"
-    method: str = "low_rank"
+    method: str = methods.DEFAULT
     sparsity: float = 0.8
     alpha: float = 0.9
     selection: str = "adaptive"
@@ -253,9 +247,8 @@ class RealignConfig:
         _check_choice("mode", self.mode, MODES)
         _check_choice("score_on", self.score_on, SCORE_ON)
         _check_choice("extra_tensors", self.extra_tensors, EXTRA_TENSORS)
-        if self.mode != "auto" and self.method not in MODE_METHODS[self.mode]:
-            raise ValueError(f"method {self.method!r} is not available in {self.mode} mode; choose one of "
-                             f"{list(MODE_METHODS[self.mode])}")
+        if self.mode != "auto":
+            methods.get(self.method, self.mode)  # refused with the reason and the mode's methods
         if self.targets is not None and not isinstance(self.targets, str):
             raise ValueError(f"targets must be a regular expression string, got {self.targets!r}")
         if not isinstance(self.allow_nonfinite, bool):
@@ -274,6 +267,11 @@ class RealignConfig:
     def preset_spec(self) -> Preset:
         """The Preset object named by `preset`."""
         return PRESETS[self.preset]
+
+    @property
+    def method_spec(self) -> methods.Method:
+        """The Method declaration named by `method` (nlsr_fast.methods)."""
+        return methods.METHODS[self.method]
 
     @property
     def keep(self) -> float:

@@ -21,13 +21,13 @@ from typing import Any, NamedTuple
 
 import torch
 
+from nlsr_fast import methods
 from nlsr_fast.io import CheckpointReader, LoraAdapter
 from nlsr_fast.io.checkpoint import SAFE_INDEX, SAFE_SINGLE
 from nlsr_fast.io.finite import NonFinite
 from nlsr_fast.io.stream import PlannedSafetensors, new_buffer, read_tensor
 from nlsr_fast.ops import PackedMask, extrapolate, masked_delta_cosine, row_topk_mask
 from nlsr_fast.pipeline.restore import masked_values, put_masked_values
-from nlsr_fast.pipeline.score import random_mask
 
 __all__ = ["DEFAULT_TARGETS", "DenseInput", "DenseOutput", "DenseSpace", "dense_targets", "copy_model_files"]
 
@@ -36,8 +36,6 @@ log = logging.getLogger(__name__)
 #: The seven projections of a Llama-family decoder layer (a regex on module names, i.e. weight keys without
 #: ".weight").
 DEFAULT_TARGETS = r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
-#: Methods dense mode scores without calibration data, and with it (wanda: activations; snip: gradients).
-DENSE_METHODS = ("magnitude", "random", "wanda", "snip")
 # Rows per block when scores are formed (bounds the fp32 transient to 1024 x d_in).
 _SCORE_ROWS = 1024
 # Files of a model folder copied to the output besides the weights.
@@ -188,17 +186,18 @@ class DenseSpace:
         base, aligned, finetuned: the three models (aligned is None when `reference` is given).
         reference: a ready reference checkpoint, or None to amplify `aligned` with `alpha`.
         targets: module names in model order.
-        method: magnitude | random | wanda | snip (wanda and snip come with `stats` or precomputed masks).
+        method: a method of dense mode (nlsr_fast.methods): a draw, a score of the weights (with `col_scale` for a
+            statistics method), or masks precomputed by gradient calibration.
         score_on: "delta" (W_e - W_0) or "weight" (W_e).
         sparsity, alpha, seed, backend, device: as in RealignConfig.
         out: the output checkpoint (None for scoring only).
-        wanda_scale: {module: (d_in,) column factor sqrt(mean x^2)} for wanda.
+        col_scale: {module: (d_in,) column factor of the score} for a statistics method (wanda: sqrt(mean x^2)).
     """
 
     def __init__(self, base: CheckpointReader, aligned: DenseInput | None, finetuned: DenseInput,
                  reference: DenseInput | None, *, targets: list[str], method: str, score_on: str, sparsity: float,
                  alpha: float, seed: int, backend: str | None, device: torch.device, nonfinite: NonFinite,
-                 out: DenseOutput | None = None, wanda_scale: dict[str, torch.Tensor] | None = None,
+                 out: DenseOutput | None = None, col_scale: dict[str, torch.Tensor] | None = None,
                  rest: dict[str, tuple[str, torch.Tensor | None]] | None = None) -> None:
         self.base, self.aligned, self.ft, self.reference = base, aligned, finetuned, reference
         self.modules = targets
@@ -206,7 +205,7 @@ class DenseSpace:
         self.sparsity, self.alpha, self.seed = sparsity, alpha, seed
         self.backend, self.device, self.nonfinite = backend, device, nonfinite
         self.out = out
-        self.wanda_scale = wanda_scale or {}
+        self.col_scale = col_scale or {}
         self.rest = rest or {}
         self._module_set = set(targets)
 
@@ -242,13 +241,14 @@ class DenseSpace:
 
     def masks(self, name: str, loaded: DenseModule) -> dict[str, PackedMask]:
         keep = 1.0 - self.sparsity
-        if self.method == "random":
-            return {name: random_mask(loaded.w_e, self.sparsity, self.seed, name, self.backend)}
-        if self.method not in ("magnitude", "wanda"):
+        spec = methods.get(self.method, "dense")
+        if spec.draw is not None:
+            return {name: spec.draw(loaded.w_e, sparsity=self.sparsity, seed=self.seed, key=name, backend=self.backend)}
+        if spec.gradients:
             raise AssertionError(f"masks of method {self.method!r} are computed by calibration before pass 1")
         scale = None
-        if self.method == "wanda":
-            scale = self.wanda_scale[name].to(device=self.device, dtype=torch.float32)
+        if spec.needs is methods.Needs.STATISTICS:  # |W| x the input's norm per column
+            scale = self.col_scale[name].to(device=self.device, dtype=torch.float32)
         # Rows are masked independently, so the fp32 delta is formed one block of rows at a time: the transient
         # stays at _SCORE_ROWS rows whatever the weight's size.
         mask = PackedMask.empty(tuple(loaded.w_e.shape), self.device)

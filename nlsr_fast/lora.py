@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from nlsr_fast import methods
 from nlsr_fast.config import Preset
 from nlsr_fast.io import LoraAdapter
 from nlsr_fast.io.finite import NonFinite
@@ -117,10 +118,10 @@ class LoraSpace:
 
     # -- stages ---------------------------------------------------------------------------------------------------
     def masks(self, name: str, loaded: LoraModuleTensors) -> dict[str, PackedMask]:
-        if self.method != "random":
+        if methods.get(self.method).needs_calibration:
             raise AssertionError(f"masks of method {self.method!r} are computed by calibration before pass 1")
         # Each mask has its own stream (seed, mask key): no other module is drawn, whatever the order or process.
-        got = masks_from_statistics("random", {name: loaded.ref}, sparsity=self.sparsity, preset=self.preset,
+        got = masks_from_statistics(self.method, {name: loaded.ref}, sparsity=self.sparsity, preset=self.preset,
                                     seed=self.seed, backend=self.backend)[name]
         return dict(zip(lora_mask_keys(name), got, strict=True))
 

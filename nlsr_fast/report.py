@@ -50,6 +50,7 @@ class Report:
         versions: nlsr_fast, torch, transformers, python.
         config: every hyper-parameter of RealignConfig.
         preset: the preset's fields (docs/algorithm.md §8).
+        method: the method's declaration (nlsr_fast.methods): name, title, reference, needs, mask group, repair.
         modules: per-module records in model order.
         timings: seconds per stage (amplify, score, similarity, select, restore, write, total, ...).
         bytes_read: bytes read from the inputs; bytes_written: bytes of the output folder.
@@ -66,6 +67,7 @@ class Report:
     versions: dict[str, str] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     preset: dict[str, Any] = field(default_factory=dict)
+    method: dict[str, Any] = field(default_factory=dict)
     modules: list[ModuleRecord] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     bytes_read: int = 0

@@ -11,8 +11,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -23,12 +25,72 @@ from nlsr_fast.io.finite import NonFinite
 from nlsr_fast.ops import row_topk_mask
 from nlsr_fast.pipeline.write import CARD_FILE, MASKS_FILE, MasksFile, write_card
 
-__all__ = ["CALIBRATION_CHECKPOINT_SECONDS", "DenseRun", "LoraRun"]
+if TYPE_CHECKING:
+    from nlsr_fast.calib.data import CalibrationSet
+    from nlsr_fast.resume import Journal
+
+__all__ = ["CALIBRATION_CHECKPOINT_SECONDS", "DenseRun", "Inputs", "LoraRun", "Progress", "RunContext"]
 
 #: Minimum seconds between two saves of the calibration state (each save writes every sample's hidden state).
 CALIBRATION_CHECKPOINT_SECONDS = 600.0
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Inputs:
+    """The run's inputs, opened and checked (headers only), and what the mode needs of them."""
+
+    mode: str
+    base: Any
+    finetuned: Any
+    aligned: Any
+    reference: Any
+    modules: list[str]
+    paths: dict[str, Path | None]
+    calibration: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    extra_records: list[dict[str, Any]] = field(default_factory=list)
+    hub: dict[str, dict[str, Any]] = field(default_factory=dict)  # role -> Hub id, revision, commit (report.json)
+
+    def record(self, role: str, **fields: Any) -> dict[str, Any]:
+        """`fields` of an input's report.json record, plus its Hub id, revision and commit when it was given by id."""
+        return {**fields, **({"hub": self.hub[role]} if role in self.hub else {})}
+
+    def files(self, role: str) -> list[Path]:
+        model = {"finetuned": self.finetuned, "aligned": self.aligned, "reference": self.reference}.get(role)
+        if role == "base":
+            folder = self.base.folder
+            meta = [p for p in (folder / "config.json", self.base.index_file) if p is not None and p.is_file()]
+            return [*meta, *self.base.files]
+        if role == "calibration":
+            return [self.paths["calibration"]] if self.paths["calibration"] is not None else []
+        return list(model.files) if model is not None else []
+
+
+class Progress(Protocol):
+    """Where a run reports its stages' seconds and its calibration's layers (the API's timings and bars)."""
+
+    def stage(self, name: str, seconds: float) -> None: ...
+
+    def __call__(self, phase: str, done: int, total: int) -> None: ...
+
+    def layers(self, desc: str) -> Callable[[int, int], None] | None: ...
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Everything a mode's run works with, opened and checked by the API."""
+
+    config: RealignConfig
+    inputs: Inputs
+    calib: CalibrationSet | None  # tokenised samples; None for a method that needs no data
+    tmp: Path  # OUT.partial
+    nonfinite: NonFinite
+    progress: Progress
+    device: torch.device
+    dist: Dist
+    journal: Journal
 
 
 def _version() -> str:
@@ -54,17 +116,17 @@ class _Run:
     out: Any  # the planned output: io.stream.PlannedSafetensors (LoRA) or dense.DenseOutput
     mask_shapes: dict[str, tuple[int, ...]]
 
-    def __init__(self, config: RealignConfig, inputs: Any, calib: Any, tmp: Path, nonfinite: NonFinite,
-                 progress: Any, device: torch.device, dist: Dist, journal: Any) -> None:
-        self.config, self.inputs, self.tmp, self.journal = config, inputs, tmp, journal
-        self.nonfinite, self.progress, self.device, self.dist = nonfinite, progress, device, dist
+    def __init__(self, ctx: RunContext) -> None:
+        self.config, self.inputs, self.tmp, self.journal = ctx.config, ctx.inputs, ctx.tmp, ctx.journal
+        self.nonfinite, self.progress, self.device, self.dist = ctx.nonfinite, ctx.progress, ctx.device, ctx.dist
+        config, dist, calib = ctx.config, ctx.dist, ctx.calib
         self.metadata = {"format": "pt", "nlsr_fast": _version()}
         # Data-parallel calibration: each process takes every world-th sample and the forward statistics (Grams,
         # squared inputs: fp64 sums) are summed over processes. Gradient scores are not split: the engine sums
         # |dL/dW| in fp32 per micro-batch (a 70B layer of scores is 3.4 GB), so partial sums from several processes
         # would round differently from one process and could flip near-ties (and the official running sum depends
         # on the sample order); every process computes them on every sample, so the output stays bit-identical.
-        self.split = dist.active and config.method in ("low_rank", "wanda")
+        self.split = dist.active and config.method_spec.splits_samples
         self.calib = dist.shard_samples(calib) if self.split else calib
         self.reduce = dist.sum_stats if self.split else None
 
@@ -106,6 +168,10 @@ class _Run:
         """The PlannedSafetensors files of the output tensors."""
         raise NotImplementedError
 
+    def record_keys(self, name: str) -> tuple[str, str | None]:
+        """The mask keys report.json's `_a` and `_b` fields of module `name` describe (None: no `_b`)."""
+        raise NotImplementedError
+
     def written_digests(self) -> dict[str, str]:
         """{file name: sha256} of the output files hashed as they were written front to back (after close)."""
         files = [self.masks_file.planned, *self.output_files()]
@@ -130,8 +196,8 @@ class _Run:
 class LoraRun(_Run):
     """PEFT adapter in, PEFT adapter out (docs/algorithm.md §1, LoRA mode)."""
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
+    def __init__(self, ctx: RunContext) -> None:
+        super().__init__(ctx)
         from nlsr_fast.io.adapter import ADAPTER_SAFETENSORS
         from nlsr_fast.io.stream import PlannedSafetensors
         from nlsr_fast.lora import LoraSpace, lora_mask_keys
@@ -153,7 +219,7 @@ class LoraRun(_Run):
                                out=self.out, extras=self.inputs.extras)
 
     def calibrate(self) -> Any:
-        if self.config.method == "random":
+        if not self.config.method_spec.needs_calibration:
             return None
         if self.calibrated() is not None:
             return self.calibrated()
@@ -185,6 +251,11 @@ class LoraRun(_Run):
     def output_files(self) -> list[Any]:
         return [self.out]
 
+    def record_keys(self, name: str) -> tuple[str, str | None]:
+        from nlsr_fast.lora import lora_mask_keys
+
+        return lora_mask_keys(name)  # the A factor's mask, then the B factor's
+
     def close(self) -> None:
         """fsync and close this process's output files."""
         self.out.close()
@@ -204,8 +275,8 @@ class DenseRun(_Run):
     """Full checkpoints (or adapters merged on the fly) in, a Hugging Face checkpoint out (docs/algorithm.md §1,
     dense mode)."""
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
+    def __init__(self, ctx: RunContext) -> None:
+        super().__init__(ctx)
         from nlsr_fast.dense import DenseOutput, DenseSpace
 
         ft, cfg = self.inputs.finetuned, self.config
@@ -221,34 +292,38 @@ class DenseRun(_Run):
 
     def calibrate(self) -> Any:
         cfg, space = self.config, self.space
-        if cfg.method not in ("wanda", "snip"):
+        if not cfg.method_spec.needs_calibration:
             return None
+        statistics = not cfg.method_spec.gradients  # statistics give a column scale; gradients give the masks
+        calib = self.calib
+        assert calib is not None, "a method that needs calibration runs with its samples"
         from nlsr_fast.calib import engine
         from nlsr_fast.dense import ReferenceReader
         from nlsr_fast.resume import JOURNAL_DIR
 
-        scales = self.tmp / JOURNAL_DIR / "wanda_scale.safetensors"
+        scales = self.tmp / JOURNAL_DIR / "col_scale.safetensors"
         if self.journal.done("calibration", ""):
-            if cfg.method == "wanda":
+            if statistics:
                 from safetensors.torch import load_file
 
-                space.wanda_scale = load_file(str(scales))
+                space.col_scale = load_file(str(scales))
                 return None
             return self.calibrated()
         reader = ReferenceReader(space)
         layers = self.progress.layers(f"calibration ({cfg.method})")
-        if cfg.method == "wanda":
-            stats = engine.collect_dense_statistics(reader, space.modules, self.calib, progress=layers,
+        if statistics:
+            stats = engine.collect_dense_statistics(reader, space.modules, calib, progress=layers,
                                                     checkpoint=self.layer_checkpoint(),
                                                     **_engine_kwargs(cfg, self.device))
             if self.reduce is not None:
                 self.reduce(stats)
-            space.wanda_scale = {n: (st.x_sq.double() / max(int(st.n_samples), 1)).sqrt().float()
-                                 for n, st in stats.items()}
+            col_scale = cfg.method_spec.col_scale
+            assert col_scale is not None, f"method {cfg.method!r} gives no column scale"
+            space.col_scale = {n: col_scale(st.x_sq, int(st.n_samples)) for n, st in stats.items()}
             if self.dist.root:
                 from safetensors.torch import save_file
 
-                save_file(space.wanda_scale, str(scales))
+                save_file(space.col_scale, str(scales))
             self.journal.record("calibration", "")
             return None
         keep = 1.0 - cfg.sparsity
@@ -265,7 +340,7 @@ class DenseRun(_Run):
                 self.masks_file.write(name, row_topk_mask(scores, keep, grad=grad.to(scores.device).float(),
                                                           backend=cfg.backend))
 
-        engine.dense_gradient_scores(reader, space.modules, self.calib, on_layer=on_layer, loss="nll",
+        engine.dense_gradient_scores(reader, space.modules, calib, on_layer=on_layer, loss=str(cfg.method_spec.loss),
                                      accumulate=cfg.preset_spec.snip_accumulate, progress=layers,
                                      **_engine_kwargs(cfg, self.device))
         self.journal.record("calibration", "")
@@ -273,6 +348,9 @@ class DenseRun(_Run):
 
     def output_files(self) -> list[Any]:
         return list(self.out.files)
+
+    def record_keys(self, name: str) -> tuple[str, str | None]:
+        return name, None  # one mask per weight
 
     def close(self) -> None:
         """fsync and close this process's output files."""

@@ -91,7 +91,7 @@ def _import_installed(site: Path, cwd: Path) -> list[str]:
 
 
 #: the library's subpackages, the whole of what the wheel ships besides nlsr_fast/*.py
-PACKAGES = ("bench", "calib", "demo", "io", "kernels", "ops", "pipeline")
+PACKAGES = ("bench", "calib", "demo", "io", "kernels", "methods", "ops", "pipeline")
 
 
 def test_wheel_installs_kernels_as_nlsr_fast_kernels(tmp_path: Path) -> None:

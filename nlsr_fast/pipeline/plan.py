@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from nlsr_fast.calib.data import MAX_LINE_BYTES, read_calibration_records
-from nlsr_fast.config import DATA_FREE_METHODS, Preset, RealignConfig
+from nlsr_fast.config import Preset, RealignConfig
 
 __all__ = ["calibration_summary", "format_plan", "make_plan"]
 
@@ -105,12 +105,12 @@ def make_plan(
     largest = max(layer_bytes.values(), default=0)
     hidden = int(base.config.get("hidden_size", 0) or 0)
     n_params = sum(int(base.info(k).nbytes) // max(base.dtype(k).itemsize, 1) for k in base.keys())
-    needs_calib = config.method not in DATA_FREE_METHODS
+    needs_calib = config.method_spec.needs_calibration
     tokens = calibration["tokens_estimate"] if calibration else 0
     act_bytes = 4 if config.calib_dtype == "float32" else 2
     # Streamed calibration keeps every sequence's hidden state at one layer boundary, in and out.
     activations = 2 * tokens * hidden * act_bytes if needs_calib else 0
-    if config.method in ("snip", "pref_snip"):
+    if config.method_spec.gradients:
         passes = 3.0  # forward + backward (about twice a forward)
     elif config.sequential and needs_calib:
         passes = 2.0  # the layer again with its projected / masked factors

@@ -12,69 +12,14 @@ from typing import Any
 
 import torch
 
-from nlsr_fast.config import METHODS, Preset, resolve_preset
-from nlsr_fast.ops import PackedMask, random_row_mask, random_stream, row_topk_mask
-from nlsr_fast.ops.random_row_mask import host_backend
+from nlsr_fast import methods
+from nlsr_fast.config import Preset, resolve_preset
+from nlsr_fast.ops import PackedMask
 from nlsr_fast.pipeline._types import Factors, Masks
 
-__all__ = ["STATISTICS_METHODS", "GRADIENT_METHODS", "masks_from_statistics", "random_mask", "score",
-           "sequential_transform"]
+__all__ = ["masks_from_statistics", "score", "sequential_transform"]
 
 log = logging.getLogger(__name__)
-
-#: Methods scored from forward statistics (Grams, squared inputs) and from gradients.
-STATISTICS_METHODS = ("low_rank", "wanda")
-GRADIENT_METHODS = ("snip", "pref_snip")
-
-
-def _finite_gram(name: str, gram: torch.Tensor) -> torch.Tensor:
-    """The module's calibration Gram, refused with the module named when it holds NaN/Inf."""
-    if not torch.isfinite(gram).all():
-        raise ValueError(f"module {name!r}: its calibration Gram has non-finite entries (an overflow in a "
-                         "low-precision calibration forward? try calib_dtype='float32' / --calib-dtype float32)")
-    return gram
-
-
-def _low_rank_masks(
-    a: torch.Tensor, b: torch.Tensor, gram: torch.Tensor, sparsity: float, preset: Preset, backend: str | None
-) -> tuple[PackedMask, PackedMask]:
-    from nlsr_fast.calib.lowrank import low_rank_topk_masks
-
-    # official: the code keeps |W~| strictly above the floor(s n)-th smallest value, one entry fewer.
-    return low_rank_topk_masks(a, b, gram.to(a.device), sparsity, fewer=preset.low_rank_count_offset,
-                               backend=backend)
-
-
-def _wanda_masks(
-    a: torch.Tensor, b: torch.Tensor, stats: Any, sparsity: float, backend: str | None
-) -> tuple[PackedMask, PackedMask]:
-    n = max(int(stats.n_samples), 1)
-    scale_a = (stats.x_sq.double() / n).sqrt().to(device=a.device, dtype=torch.float32)
-    scale_b = (stats.z_sq.double() / n).sqrt().to(device=b.device, dtype=torch.float32)
-    keep = 1.0 - sparsity
-    return (
-        row_topk_mask(a, keep, col_scale=scale_a, backend=backend),
-        row_topk_mask(b, keep, col_scale=scale_b, backend=backend),
-    )
-
-
-def random_mask(x: torch.Tensor, sparsity: float, seed: int, key: str, backend: str | None) -> PackedMask:
-    """The `random` mask of tensor `x` (mask key `key`), in both modes. The top 1 - s of each row of i.i.d. scores
-    is a uniformly random subset of that size: random_row_mask draws it directly, from a stream of its own per
-    tensor (seed, mask key), so no module's mask depends on another's, their order or the process."""
-    return random_row_mask((x.shape[0], x.shape[1]), 1.0 - sparsity, random_stream(seed, key), device=x.device,
-                           backend=host_backend(backend))
-
-
-def _random_masks(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], sparsity: float, seed: int,
-                  backend: str | None) -> Masks:
-    from nlsr_fast.lora import lora_mask_keys  # function-local: nlsr_fast.lora imports this module
-
-    out: Masks = {}
-    for name, (a, b) in factors.items():
-        key_a, key_b = lora_mask_keys(name)
-        out[name] = (random_mask(a, sparsity, seed, key_a, backend), random_mask(b, sparsity, seed, key_b, backend))
-    return out
 
 
 def masks_from_statistics(
@@ -103,32 +48,22 @@ def masks_from_statistics(
     Returns:
         {module: (mask_A, mask_B)} in ref_factors' order.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    from nlsr_fast.lora import lora_mask_keys  # function-local: nlsr_fast.lora imports this module
+
+    spec = methods.get(method, "lora")
     preset = resolve_preset(preset)
-    if method == "random":
-        return _random_masks(ref_factors, sparsity, seed, backend)
-    source: Mapping[str, Any] | None = stats if method in STATISTICS_METHODS else grads
-    if source is None:
-        need = "stats" if method in STATISTICS_METHODS else "grads"
-        raise ValueError(f"method {method!r} needs calibration {need}")
-    missing = [name for name in ref_factors if name not in source]
-    if missing:
-        raise ValueError(f"method {method!r}: no calibration statistics for modules {missing[:5]}")
-    keep = 1.0 - sparsity
-    out: Masks = {}
-    for name, (a, b) in ref_factors.items():
-        if method == "low_rank":
-            out[name] = _low_rank_masks(a, b, _finite_gram(name, source[name].gram), sparsity, preset, backend)
-        elif method == "wanda":
-            out[name] = _wanda_masks(a, b, source[name], sparsity, backend)
-        else:
-            g_a, g_b = source[name]
-            out[name] = (
-                row_topk_mask(a, keep, grad=g_a.to(device=a.device, dtype=torch.float32), backend=backend),
-                row_topk_mask(b, keep, grad=g_b.to(device=b.device, dtype=torch.float32), backend=backend),
-            )
-    return out
+    source: Mapping[str, Any] | None = None
+    if spec.needs_calibration:
+        source = grads if spec.gradients else stats
+        if source is None:
+            raise ValueError(f"method {method!r} needs calibration {'grads' if spec.gradients else 'stats'}")
+        missing = [name for name in ref_factors if name not in source]
+        if missing:
+            raise ValueError(f"method {method!r}: no calibration statistics for modules {missing[:5]}")
+    assert spec.lora_masks is not None, f"method {method!r} has no LoRA masks"
+    return {name: spec.lora_masks(a, b, None if source is None else source[name], sparsity=sparsity, preset=preset,
+                                  seed=seed, module=name, keys=lora_mask_keys(name), backend=backend)
+            for name, (a, b) in ref_factors.items()}
 
 
 def sequential_transform(
@@ -145,22 +80,22 @@ def sequential_transform(
     low_rank: the projected factors (W~_A, W~_B) of calib.lowrank.project_factors; wanda: the masked factors
     (M_A*A_e, M_B*B_e). The masks of both are stored in `cache` so they are not computed twice.
     """
-    if method not in STATISTICS_METHODS:
-        raise ValueError(f"sequential calibration applies to {list(STATISTICS_METHODS)}, got {method!r}")
+    spec = methods.get(method)
+    if not spec.sequential:
+        sequential = [name for name, m in methods.METHODS.items() if m.sequential]
+        raise ValueError(f"sequential calibration applies to {sequential}, got {method!r}")
     preset = resolve_preset(preset)
 
     def transform(layer: int, layer_stats: Mapping[str, Any]) -> Factors:
         out: Factors = {}
         for name, st in layer_stats.items():
             a, b = ref_factors[name]
-            if method == "low_rank":
-                from nlsr_fast.calib.lowrank import project_and_mask
-
-                # One eigen-decomposition gives both the projected factors and the final masks.
-                out[name], masks = project_and_mask(a, b, _finite_gram(name, st.gram).to(a.device), sparsity,
-                                                    fewer=preset.low_rank_count_offset, backend=backend)
-            else:
-                masks = _wanda_masks(a, b, st, sparsity, backend)
+            if spec.project is not None:  # low_rank: one eigen-decomposition gives the projection and the masks
+                out[name], masks = spec.project(a, b, st, sparsity=sparsity, preset=preset, module=name,
+                                                backend=backend)
+            else:  # the masked factors
+                assert spec.lora_masks is not None
+                masks = spec.lora_masks(a, b, st, sparsity=sparsity, preset=preset, module=name, backend=backend)
                 out[name] = (a * masks[0].to_bool().to(a.device), b * masks[1].to_bool().to(b.device))
             if cache is not None:
                 cache[name] = masks
@@ -211,7 +146,8 @@ def score(
         {module: (mask_A, mask_B)}.
     """
     preset = resolve_preset(preset)
-    if method == "random":
+    spec = methods.get(method, "lora")
+    if not spec.needs_calibration:
         return masks_from_statistics(method, ref_factors, sparsity=sparsity, preset=preset, seed=seed, backend=backend)
     if base is None or calib is None:
         raise ValueError(f"method {method!r} needs the base checkpoint and calibration data")
@@ -222,7 +158,7 @@ def score(
     engine_kw: dict[str, Any] = {"micro_batch": micro_batch, "dtype": dtype, "progress": progress}
     if device is not None:
         engine_kw["device"] = device
-    if method in STATISTICS_METHODS:
+    if not spec.gradients:
         cache: dict[str, tuple[PackedMask, PackedMask]] = {}
         transform = (
             sequential_transform(method, ref_factors, sparsity=sparsity, preset=preset, backend=backend, cache=cache)
@@ -250,9 +186,8 @@ def score(
             backend=backend,
         )
         return {name: cache[name] if name in cache else masks[name] for name in ref_factors}
-    loss = "nll" if method == "snip" else "dpo"
     grads = engine.lora_gradient_scores(
-        base, factors, calib, loss=loss, accumulate=preset.snip_accumulate, **engine_kw
+        base, factors, calib, loss=str(spec.loss), accumulate=preset.snip_accumulate, **engine_kw
     )
     if reduce is not None:
         reduce(grads)
