@@ -15,6 +15,7 @@ from nlsr_fast.pipeline import amplify, restore, score, select, similarity  # no
 _LAZY = {
     "realign": ("nlsr_fast.api", "realign"),
     "realign_with_config": ("nlsr_fast.api", "realign_with_config"),
+    "Realignment": ("nlsr_fast.realignment", "Realignment"),
     "Report": ("nlsr_fast.report", "Report"),
     "ModuleRecord": ("nlsr_fast.report", "ModuleRecord"),
 }
@@ -37,6 +38,7 @@ __all__ = [
     "PackedMask",
     "Preset",
     "RealignConfig",
+    "Realignment",
     "Report",
     "__version__",
     "amplify",

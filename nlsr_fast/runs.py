@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -27,45 +27,15 @@ from nlsr_fast.pipeline.write import CARD_FILE, MASKS_FILE, MasksFile, write_car
 
 if TYPE_CHECKING:
     from nlsr_fast.calib.data import CalibrationSet
+    from nlsr_fast.inputs import Inputs
     from nlsr_fast.resume import Journal
 
-__all__ = ["CALIBRATION_CHECKPOINT_SECONDS", "DenseRun", "Inputs", "LoraRun", "Progress", "RunContext"]
+__all__ = ["CALIBRATION_CHECKPOINT_SECONDS", "DenseRun", "LoraRun", "Progress", "RunContext"]
 
 #: Minimum seconds between two saves of the calibration state (each save writes every sample's hidden state).
 CALIBRATION_CHECKPOINT_SECONDS = 600.0
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Inputs:
-    """The run's inputs, opened and checked (headers only), and what the mode needs of them."""
-
-    mode: str
-    base: Any
-    finetuned: Any
-    aligned: Any
-    reference: Any
-    modules: list[str]
-    paths: dict[str, Path | None]
-    calibration: Any = None
-    extras: dict[str, Any] = field(default_factory=dict)
-    extra_records: list[dict[str, Any]] = field(default_factory=list)
-    hub: dict[str, dict[str, Any]] = field(default_factory=dict)  # role -> Hub id, revision, commit (report.json)
-
-    def record(self, role: str, **fields: Any) -> dict[str, Any]:
-        """`fields` of an input's report.json record, plus its Hub id, revision and commit when it was given by id."""
-        return {**fields, **({"hub": self.hub[role]} if role in self.hub else {})}
-
-    def files(self, role: str) -> list[Path]:
-        model = {"finetuned": self.finetuned, "aligned": self.aligned, "reference": self.reference}.get(role)
-        if role == "base":
-            folder = self.base.folder
-            meta = [p for p in (folder / "config.json", self.base.index_file) if p is not None and p.is_file()]
-            return [*meta, *self.base.files]
-        if role == "calibration":
-            return [self.paths["calibration"]] if self.paths["calibration"] is not None else []
-        return list(model.files) if model is not None else []
 
 
 class Progress(Protocol):
