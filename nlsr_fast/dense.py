@@ -11,9 +11,7 @@ dtypes, written through planned, size-capped shards.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import re
 import shutil
 from pathlib import Path
@@ -23,13 +21,13 @@ import torch
 
 from nlsr_fast import methods
 from nlsr_fast.io import CheckpointReader, LoraAdapter
-from nlsr_fast.io.checkpoint import SAFE_INDEX, SAFE_SINGLE
 from nlsr_fast.io.finite import NonFinite
-from nlsr_fast.io.stream import PlannedSafetensors, new_buffer, read_tensor
+from nlsr_fast.io.stream import new_buffer, read_tensor
+from nlsr_fast.io.writer import PlannedShards
 from nlsr_fast.ops import PackedMask, extrapolate, masked_delta_cosine, row_topk_mask
 from nlsr_fast.pipeline.restore import masked_values, put_masked_values
 
-__all__ = ["DEFAULT_TARGETS", "DenseInput", "DenseOutput", "DenseSpace", "dense_targets", "copy_model_files"]
+__all__ = ["DEFAULT_TARGETS", "DenseInput", "DenseSpace", "dense_targets", "copy_model_files"]
 
 log = logging.getLogger(__name__)
 
@@ -136,49 +134,6 @@ class DenseModule(NamedTuple):
     w_0: torch.Tensor  # base weight, stored dtype
 
 
-class DenseOutput:
-    """The output checkpoint: size-capped shards planned from the tensor list, written slot by slot.
-
-    Shards are named like `save_pretrained` names them (`model-00001-of-00003.safetensors`, or `model.safetensors`
-    for one shard); `finish` writes `model.safetensors.index.json` when there are several.
-    """
-
-    def __init__(self, folder: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]], *, max_shard_bytes: int,
-                 metadata: dict[str, str], create: bool = True) -> None:
-        groups: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
-        size = 0
-        for entry in plan:
-            nbytes = math.prod(entry[2]) * entry[1].itemsize
-            if groups[-1] and size + nbytes > max_shard_bytes:
-                groups.append([])
-                size = 0
-            groups[-1].append(entry)
-            size += nbytes
-        n = len(groups)
-        self.names = [SAFE_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        self.folder = folder
-        self.total_size = sum(math.prod(s) * d.itemsize for _, d, s in plan)
-        # `create`: this process may plan the shards; one that exists already (a resumed run's) is opened.
-        self.files = [PlannedSafetensors(folder / n, group, metadata, create=create and not (folder / n).exists())
-                       for n, group in zip(self.names, groups, strict=True)]
-        self._where = {key: i for i, group in enumerate(groups) for key, _, _ in group}
-
-    def write(self, key: str, tensor: torch.Tensor) -> None:
-        self.files[self._where[key]].write(key, tensor)
-
-    def close(self) -> None:
-        for f in self.files:
-            f.close()
-
-    def finish(self) -> None:
-        """Close the shards and write the index (several shards only)."""
-        self.close()
-        if len(self.names) > 1:
-            index = {"metadata": {"total_size": self.total_size},
-                     "weight_map": {k: self.names[i] for k, i in sorted(self._where.items())}}
-            (self.folder / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
 class DenseSpace:
     """Target linears of a fine-tuned model against a reference made from the aligned model (or given).
 
@@ -197,7 +152,7 @@ class DenseSpace:
     def __init__(self, base: CheckpointReader, aligned: DenseInput | None, finetuned: DenseInput,
                  reference: DenseInput | None, *, targets: list[str], method: str, score_on: str, sparsity: float,
                  alpha: float, seed: int, backend: str | None, device: torch.device, nonfinite: NonFinite,
-                 out: DenseOutput | None = None, col_scale: dict[str, torch.Tensor] | None = None,
+                 out: PlannedShards | None = None, col_scale: dict[str, torch.Tensor] | None = None,
                  rest: dict[str, tuple[str, torch.Tensor | None]] | None = None) -> None:
         self.base, self.aligned, self.ft, self.reference = base, aligned, finetuned, reference
         self.modules = targets

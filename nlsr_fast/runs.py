@@ -83,7 +83,7 @@ class _Run:
     """What both modes share: the masks file, the executor call, timings."""
 
     space: Any
-    out: Any  # the planned output: io.stream.PlannedSafetensors (LoRA) or dense.DenseOutput
+    out: Any  # the planned output: io.stream.PlannedSafetensors (LoRA) or io.writer.PlannedShards (dense)
     mask_shapes: dict[str, tuple[int, ...]]
 
     def __init__(self, ctx: RunContext) -> None:
@@ -247,13 +247,14 @@ class DenseRun(_Run):
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
-        from nlsr_fast.dense import DenseOutput, DenseSpace
+        from nlsr_fast.dense import DenseSpace
+        from nlsr_fast.io.writer import PlannedShards
 
         ft, cfg = self.inputs.finetuned, self.config
         self.mask_shapes = {name: tuple(ft.shape(f"{name}.weight")) for name in self.inputs.modules}
         self.open_masks()
         plan = [(k, ft.dtype(k), tuple(ft.shape(k))) for k in ft.keys()]
-        self.out = DenseOutput(self.tmp, plan, max_shard_bytes=cfg.max_shard_bytes, metadata=self.metadata,
+        self.out = PlannedShards(self.tmp, plan, max_shard_bytes=cfg.max_shard_bytes, metadata=self.metadata,
                                create=self.dist.root)
         self.space = DenseSpace(self.inputs.base, self.inputs.aligned, ft, self.inputs.reference,
                                 targets=self.inputs.modules, method=cfg.method, score_on=cfg.score_on,

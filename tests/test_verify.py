@@ -13,8 +13,7 @@ import torch
 
 import nlsr_fast
 from nlsr_fast import cli, testing
-from nlsr_fast.io import LoraAdapter, write_manifest
-from nlsr_fast.io._format import write_safetensors
+from nlsr_fast.io import LoraAdapter, write_manifest, write_safetensors
 from nlsr_fast.verify import verify, verify_summary
 
 

@@ -1,7 +1,7 @@
-"""Checkpoint and adapter I/O: a one-shard-at-a-time reader, a PEFT adapter reader/writer, a size-capped shard
-writer, atomic output folders and file hashes."""
+"""Checkpoint and adapter I/O: a one-shard-at-a-time reader, a PEFT adapter reader/writer, one planned
+safetensors writer (single files, size-capped shards), atomic output folders and file hashes."""
 
-from nlsr_fast.io._format import TensorInfo, read_header, write_safetensors
+from nlsr_fast.io._format import TensorInfo, read_header
 from nlsr_fast.io.adapter import (
     LoraAdapter,
     LoraModule,
@@ -14,7 +14,9 @@ from nlsr_fast.io.checkpoint import CheckpointReader
 from nlsr_fast.io.hashing import file_record, sha256_file
 from nlsr_fast.io.lock import OutputLock, lock_holder
 from nlsr_fast.io.manifest import MANIFEST_FILE, check_manifest, is_output, write_manifest
-from nlsr_fast.io.output import ShardWriter, atomic_output, check_output, fsync_tree
+from nlsr_fast.io.output import atomic_output, check_output, fsync_tree
+from nlsr_fast.io.stream import PlannedSafetensors
+from nlsr_fast.io.writer import PlannedShards, write_safetensors
 
 __all__ = [
     "CheckpointReader",
@@ -22,7 +24,8 @@ __all__ = [
     "OutputLock",
     "LoraAdapter",
     "LoraModule",
-    "ShardWriter",
+    "PlannedSafetensors",
+    "PlannedShards",
     "TensorInfo",
     "atomic_output",
     "check_output",

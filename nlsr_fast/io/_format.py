@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["TensorInfo", "header_bytes", "read_header", "write_safetensors", "DTYPES", "DTYPE_NAMES"]
+__all__ = ["TensorInfo", "header_bytes", "read_header", "DTYPES", "DTYPE_NAMES"]
 
 # safetensors dtype tag -> torch dtype (only those this torch build has).
 DTYPES: dict[str, torch.dtype] = {
@@ -160,11 +159,6 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return infos, dict(metadata)
 
 
-def _as_bytes(t: torch.Tensor) -> memoryview:
-    t = t.detach().to("cpu").contiguous()
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy().data)
-
-
 def header_bytes(
     entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str] | None = None, *,
     path: Path | None = None,
@@ -186,31 +180,3 @@ def header_bytes(
         offset = end
     blob = json.dumps(header, separators=(",", ":")).encode()
     return blob + b" " * (-len(blob) % 8)
-
-
-def write_safetensors(
-    path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
-) -> int:
-    """Write `tensors` to `path` in safetensors format, streaming each tensor's bytes (no full in-memory copy).
-
-    Args:
-        path: destination file (overwritten).
-        tensors: name -> tensor, any device, any layout; written contiguous in its own dtype.
-        metadata: string -> string pairs for `__metadata__` ({"format": "pt"} is always set).
-
-    Returns:
-        The number of bytes written (header included).
-    """
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{path}: value for {name!r} is a {type(t).__name__}, not a torch.Tensor")
-    blob = header_bytes([(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], metadata, path=Path(path))
-    with Path(path).open("wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for t in tensors.values():
-            if t.numel():
-                f.write(_as_bytes(t))
-        f.flush()
-        os.fsync(f.fileno())
-    return 8 + len(blob) + sum(t.numel() * t.element_size() for t in tensors.values())

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from nlsr_fast.io._format import TensorInfo, read_header, write_safetensors
+from nlsr_fast.io._format import TensorInfo, read_header
 from nlsr_fast.io.checkpoint import CheckpointReader
 
 __all__ = [
@@ -522,6 +522,8 @@ def write_adapter(
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"write_adapter: folder {folder} does not exist")
+    from nlsr_fast.io.writer import write_safetensors  # function-local: io.writer imports io.checkpoint
+
     write_safetensors(folder / ADAPTER_SAFETENSORS, dict(tensors), metadata)
     text = json.dumps(dict(config), sort_keys=True, indent=2) + "\n"
     with (folder / ADAPTER_CONFIG).open("w", encoding="utf-8") as f:

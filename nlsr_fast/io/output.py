@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from types import TracebackType
 
-import torch
-
-from nlsr_fast.io._format import write_safetensors
-from nlsr_fast.io.checkpoint import SAFE_INDEX, SAFE_SINGLE
-
-__all__ = ["atomic_output", "check_output", "ShardWriter", "fsync_tree"]
+__all__ = ["atomic_output", "check_output", "fsync_tree"]
 
 log = logging.getLogger(__name__)
 
@@ -209,128 +202,3 @@ def atomic_output(
         if old.exists() or old.is_symlink():
             _remove(old)
     log.info("wrote %s", out)
-
-
-class ShardWriter:
-    """Write a dense checkpoint as size-capped safetensors shards plus `model.safetensors.index.json`.
-
-    Tensors are buffered until the next one would pass `max_shard_bytes`, then written to a temporary file;
-    at close the shards are renamed `model-XXXXX-of-YYYYY.safetensors` (one shard: `model.safetensors`, no
-    index). The writer keeps a reference to each added tensor until its shard is written: do not modify it in
-    place after `add`, or pass `copy=True`.
-
-    Args:
-        folder: the folder to write into (created if missing), usually an `atomic_output` partial folder.
-        max_shard_bytes: cap on tensor bytes per shard; a tensor larger than the cap gets a shard of its own.
-        metadata: string pairs for each shard's safetensors header ({"format": "pt"} always set).
-    """
-
-    def __init__(
-        self,
-        folder: str | os.PathLike[str],
-        max_shard_bytes: int = 5 * 2**30,
-        *,
-        metadata: Mapping[str, str] | None = None,
-    ) -> None:
-        if max_shard_bytes <= 0:
-            raise ValueError(f"ShardWriter: max_shard_bytes must be positive, got {max_shard_bytes}")
-        self.folder: Path = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.max_shard_bytes: int = int(max_shard_bytes)
-        self.metadata: dict[str, str] = dict(metadata or {})
-        self.bytes_written: int = 0
-        self.total_size: int = 0
-        self.files: list[Path] = []
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffered = 0
-        self._tmp: list[Path] = []
-        self._where: dict[str, int] = {}
-        self._closed = False
-
-    def add(self, name: str, tensor: torch.Tensor, *, copy: bool = False) -> None:
-        """Queue `tensor` under `name`, writing a shard first if it would pass the cap.
-
-        Args:
-            name: tensor name (unique).
-            tensor: any device, dtype and layout; stored contiguous on the CPU in its dtype.
-            copy: copy the tensor now, so the caller may reuse it.
-        """
-        if self._closed:
-            raise RuntimeError(f"ShardWriter({self.folder}): add({name!r}) after close")
-        if name in self._where or name in self._buffer:
-            raise ValueError(f"ShardWriter({self.folder}): tensor {name!r} added twice")
-        t = tensor.detach()
-        t = t.to("cpu", copy=copy) if t.device.type != "cpu" or copy else t
-        nbytes = t.numel() * t.element_size()
-        if nbytes > self.max_shard_bytes:
-            log.warning(
-                "tensor %s (%d bytes) exceeds max_shard_bytes=%d; it gets a shard of its own",
-                name,
-                nbytes,
-                self.max_shard_bytes,
-            )
-        if self._buffer and self._buffered + nbytes > self.max_shard_bytes:
-            self._flush()
-        self._buffer[name] = t
-        self._buffered += nbytes
-        self.total_size += nbytes
-
-    def _flush(self) -> None:
-        if not self._buffer:
-            return
-        index = len(self._tmp)
-        path = self.folder / f"model-{index + 1:05d}.safetensors.tmp"
-        self.bytes_written += write_safetensors(path, self._buffer, self.metadata)
-        self._tmp.append(path)
-        for name in self._buffer:
-            self._where[name] = index
-        log.debug("wrote shard %s (%d tensors, %d bytes)", path, len(self._buffer), self._buffered)
-        self._buffer, self._buffered = {}, 0
-
-    def close(self) -> None:
-        """Write the last shard, name the shards and write the index (several shards only)."""
-        if self._closed:
-            return
-        self._flush()
-        self._closed = True
-        n = len(self._tmp)
-        if n == 0:
-            log.warning("ShardWriter(%s): no tensors were added; nothing written", self.folder)
-            return
-        names = [SAFE_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        for tmp, name in zip(self._tmp, names, strict=True):
-            os.replace(tmp, self.folder / name)
-        self.files = [self.folder / name for name in names]
-        self._tmp = []
-        if n > 1:
-            index = {
-                "metadata": {"total_size": self.total_size},
-                "weight_map": {k: names[i] for k, i in sorted(self._where.items())},
-            }
-            text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-            with (self.folder / SAFE_INDEX).open("w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            self.bytes_written += len(text.encode())
-            self.files.append(self.folder / SAFE_INDEX)
-        log.info("wrote %d shard(s), %d tensor bytes, to %s", n, self.total_size, self.folder)
-
-    def abort(self) -> None:
-        """Drop buffered tensors and remove shards written so far."""
-        self._closed = True
-        self._buffer, self._buffered = {}, 0
-        for tmp in self._tmp:
-            tmp.unlink(missing_ok=True)
-        self._tmp = []
-
-    def __enter__(self) -> ShardWriter:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()

@@ -7,7 +7,7 @@ tensors in flight, not the files.
 
 `PlannedSafetensors` writes a safetensors file whose header (names, dtypes, shapes) is known before any data: the
 header is written first, then each tensor with `pwrite` at its offset, in any order and from any process. The
-header bytes are those of `write_safetensors` for the same tensors in the same order.
+It is the one writer of safetensors files: `io.writer` builds shards and whole files on it.
 """
 
 from __future__ import annotations

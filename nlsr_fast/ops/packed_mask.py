@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PackedMask", "save_masks", "load_masks"]
+__all__ = ["PackedMask", "masks_plan", "save_masks", "load_masks"]
 
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
 
@@ -149,31 +149,25 @@ MASK_SHAPES_KEY = "nlsr_fast.packed_mask.shapes"
 _META_KEY = MASK_SHAPES_KEY
 
 
-def save_masks(path: str | os.PathLike[str], masks: Mapping[str, PackedMask]) -> None:
-    """Write masks to one safetensors file: each bits tensor under its name, logical shapes in the metadata.
+def masks_plan(shapes: Mapping[str, tuple[int, ...]]) -> tuple[list[tuple[str, torch.dtype, tuple[int, ...]]],
+                                                              dict[str, str]]:
+    """The layout of a masks file: (name, uint8, packed shape) in sorted name order, and the metadata recording the
+    logical shapes (keys sorted). The bytes of a masks file depend only on its masks, whoever writes it."""
+    names = sorted(shapes)
+    plan = [(n, torch.uint8, tuple(PackedMask.empty(tuple(shapes[n]), "meta").bits.shape)) for n in names]
+    return plan, {_META_KEY: json.dumps({n: list(shapes[n]) for n in names}, sort_keys=True)}
 
-    The bytes depend only on the masks: tensors in sorted name order, metadata keys sorted (the safetensors
-    library's writer orders metadata by a hash map, so equal masks gave different files). The file is created
-    with the default permissions (umask applies), like every other output file, and streamed one mask at a time.
-    """
-    names = sorted(masks)
-    shapes = {name: list(masks[name].shape) for name in names}
-    header: dict[str, object] = {"__metadata__": {"format": "pt", _META_KEY: json.dumps(shapes, sort_keys=True)}}
-    offset = 0
-    for name in names:
-        bits = masks[name].bits
-        nbytes = bits.numel()  # uint8
-        header[name] = {"dtype": "U8", "shape": list(bits.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":"), sort_keys=False).encode()
-    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned, as the reference writer does
-    with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for name in names:
-            bits = masks[name].bits
-            if bits.numel():
-                f.write(memoryview(bits.detach().contiguous().cpu().reshape(-1).numpy().data))
+
+def save_masks(path: str | os.PathLike[str], masks: Mapping[str, PackedMask]) -> None:
+    """Write masks to one safetensors file: each bits tensor under its name, logical shapes in the metadata
+    (`masks_plan`), through the one planned writer (nlsr_fast.io.stream.PlannedSafetensors). The file is created with
+    the default permissions (umask applies), like every other output file, and written one mask at a time."""
+    from nlsr_fast.io.stream import PlannedSafetensors  # function-local: io imports ops
+
+    plan, metadata = masks_plan({name: tuple(m.shape) for name, m in masks.items()})
+    with PlannedSafetensors(path, plan, metadata) as f:
+        for name, _, _ in plan:
+            f.write(name, masks[name].bits.detach().cpu())
 
 
 def load_masks(path: str | os.PathLike[str]) -> dict[str, PackedMask]:

@@ -54,8 +54,8 @@ def write_masks(path: str | os.PathLike[str], masks: Mapping[str, tuple[PackedMa
 class MasksFile:
     """masks.safetensors written mask by mask as pass 1 makes them, and read back one module at a time in pass 2.
 
-    Its layout is planned from the mask shapes, so the file equals what `save_masks` writes for the same masks
-    (names sorted, same metadata) whatever order, or process, writes them.
+    Its layout is `ops.packed_mask.masks_plan`'s, as `save_masks`'s is, so the file equals what `save_masks` writes for
+    the same masks whatever order, or process, writes them.
 
     Args:
         path: the file.
@@ -65,17 +65,12 @@ class MasksFile:
 
     def __init__(self, path: str | os.PathLike[str], shapes: Mapping[str, tuple[int, ...]], *,
                  create: bool = True) -> None:
-        import json
-
         from nlsr_fast.io.stream import PlannedSafetensors
-        from nlsr_fast.ops.packed_mask import MASK_SHAPES_KEY
+        from nlsr_fast.ops.packed_mask import masks_plan
 
         self.path = Path(path)
         self.shapes = {k: tuple(v) for k, v in shapes.items()}
-        names = sorted(self.shapes)
-        plan = [(n, torch.uint8, PackedMask.empty(self.shapes[n], "meta").bits.shape) for n in names]
-        meta = {MASK_SHAPES_KEY: json.dumps({n: list(self.shapes[n]) for n in names}, sort_keys=True)}
-        self.planned = PlannedSafetensors(self.path, plan, meta, create=create)
+        self.planned = PlannedSafetensors(self.path, *masks_plan(self.shapes), create=create)
         self._infos: dict[str, Any] | None = None
 
     def write(self, name: str, mask: PackedMask) -> None:

@@ -1,4 +1,4 @@
-"""atomic_output, ShardWriter and file hashes."""
+"""atomic_output and file hashes (the writers: test_writer.py)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 import nlsr_fast.io.output as output_mod
-from nlsr_fast.io import CheckpointReader, ShardWriter, atomic_output, file_record, sha256_file
+from nlsr_fast.io import atomic_output, file_record, sha256_file
 from nlsr_fast.io.manifest import check_manifest
 from nlsr_fast.io.output import check_output
 
@@ -285,104 +283,6 @@ def test_manifest_is_written_last_and_checked(tmp_path: Path, inp: Path) -> None
     (out / "manifest.json").unlink()
     assert check_manifest(out) == [f"{out / 'manifest.json'}: no manifest (not an nlsr_fast output, or written "
                                     "before manifests)"]
-
-
-def _tensors() -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    ts = {f"model.layers.{i}.w": torch.randn(16, 16, generator=gen) for i in range(6)}  # 1024 bytes each
-    ts["model.norm.weight"] = torch.randn(16, generator=gen).to(torch.bfloat16)  # 32 bytes
-    ts["big"] = torch.randn(40, 16, generator=gen)  # 2560 bytes, over the cap
-    ts["scalar"] = torch.tensor(3, dtype=torch.int64)
-    return ts
-
-
-def test_shard_writer_caps_and_index(tmp_path: Path) -> None:
-    ts = _tensors()
-    cap = 2100
-    with ShardWriter(tmp_path, max_shard_bytes=cap) as w:
-        for k, t in ts.items():
-            w.add(k, t)
-        assert not list(tmp_path.glob("model-*-of-*"))  # final names only at close
-    files = sorted(tmp_path.glob("model-*-of-*.safetensors"))
-    n = len(files)
-    assert [f.name for f in files] == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-    assert not list(tmp_path.glob("*.tmp"))
-    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    total = sum(t.numel() * t.element_size() for t in ts.values())
-    assert index["metadata"]["total_size"] == total == w.total_size
-    assert set(index["weight_map"]) == set(ts)
-    per_file: dict[str, int] = {}
-    for f in files:
-        shard = load_file(os.fspath(f))
-        size = sum(t.numel() * t.element_size() for t in shard.values())
-        per_file[f.name] = size
-        assert size <= cap or len(shard) == 1  # only a lone over-cap tensor may pass the cap
-        for k, t in shard.items():
-            assert index["weight_map"][k] == f.name and torch.equal(t, ts[k]) and t.dtype == ts[k].dtype
-    # Greedy packing in add order: two matrices per shard (the norm joins the third), big alone, then the scalar.
-    assert list(per_file.values()) == [2048, 2048, 2080, 2560, 8]
-    index_size = (tmp_path / "model.safetensors.index.json").stat().st_size
-    assert w.bytes_written == sum(f.stat().st_size for f in files) + index_size
-    with CheckpointReader(tmp_path) as r:
-        assert set(r.keys()) == set(ts)
-        for k, t in ts.items():
-            assert torch.equal(r.get(k), t) and r.dtype(k) == t.dtype and r.shape(k) == tuple(t.shape)
-
-
-def test_shard_writer_single_shard(tmp_path: Path) -> None:
-    ts = _tensors()
-    with ShardWriter(tmp_path) as w:
-        for k, t in ts.items():
-            w.add(k, t)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
-    assert w.files == [tmp_path / "model.safetensors"]
-    with CheckpointReader(tmp_path) as r:
-        assert r.index_file is None
-        assert all(torch.equal(r.get(k), t) for k, t in ts.items())
-
-
-def test_shard_writer_hf_loads_output(tiny_base: Path, tmp_path: Path) -> None:
-    """A checkpoint rewritten through the reader and the writer loads in transformers with identical weights."""
-    import shutil
-
-    from transformers import AutoModelForCausalLM
-
-    out = tmp_path / "copy"
-    out.mkdir()
-    shutil.copy(tiny_base / "config.json", out / "config.json")
-    with CheckpointReader(tiny_base) as r, ShardWriter(out, max_shard_bytes=30_000) as w:
-        for k, t in r.iter_tensors():
-            w.add(k, t)
-    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
-    a = AutoModelForCausalLM.from_pretrained(os.fspath(tiny_base), dtype=torch.float32).state_dict()
-    b = AutoModelForCausalLM.from_pretrained(os.fspath(out), dtype=torch.float32).state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_shard_writer_errors_and_abort(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="max_shard_bytes must be positive"):
-        ShardWriter(tmp_path, max_shard_bytes=0)
-    w = ShardWriter(tmp_path, max_shard_bytes=10)
-    w.add("a", torch.zeros(4))
-    with pytest.raises(ValueError, match="'a' added twice"):
-        w.add("a", torch.zeros(4))
-    with pytest.raises(RuntimeError, match="boom"):
-        with w:
-            w.add("b", torch.zeros(4))
-            w.add("c", torch.zeros(4))
-            assert len(list(tmp_path.glob("*.tmp"))) == 2
-            raise RuntimeError("boom")
-    assert list(tmp_path.iterdir()) == []
-    with pytest.raises(RuntimeError, match="after close"):
-        w.add("d", torch.zeros(1))
-
-
-def test_shard_writer_copy_flag(tmp_path: Path) -> None:
-    buf = torch.zeros(4)
-    with ShardWriter(tmp_path) as w:
-        w.add("copied", buf, copy=True)
-        buf.fill_(7.0)
-    assert torch.equal(load_file(os.fspath(tmp_path / "model.safetensors"))["copied"], torch.zeros(4))
 
 
 def test_sha256_and_record(tmp_path: Path) -> None:
