@@ -199,3 +199,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def test_peer_config_and_synced_command(tmp_path: Path) -> None:
+    """The machinery without mergekit (CI has none): the merge config, and `sync` run only after a command that
+    succeeded, in the same timed process tree."""
+    inputs = {k: tmp_path / k for k in ("base", "aligned", "finetuned")}
+    config = json.loads(mergekit_config(tmp_path / "c.yaml", inputs).read_text())
+    assert config == {"merge_method": "task_arithmetic", "base_model": str(inputs["base"]), "dtype": "bfloat16",
+                      "models": [{"model": str(inputs["aligned"]), "parameters": {"weight": 1.0}},
+                                 {"model": str(inputs["finetuned"]), "parameters": {"weight": 1.0}}]}
+    marker = tmp_path / "ran sync"
+    ok = b70.measure(["sh", "-c", synced(["true"])[2] + f" && touch '{marker}'"])
+    assert ok["rc"] == 0 and marker.exists()
+    failed = b70.measure(synced(["false"]))
+    assert failed["rc"] == 1
