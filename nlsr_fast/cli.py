@@ -163,6 +163,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The width the CLI reference (docs/cli.md) is rendered at, and the Python whose argparse rendered it.
+REFERENCE_COLUMNS = 100
+REFERENCE_PYTHON = (3, 11)
+
+
+def cli_reference() -> str:
+    """docs/cli.md: every command's --help, as argparse prints it at REFERENCE_COLUMNS columns (a test compares the
+    page with this, so the reference cannot drift from the code)."""
+    import nlsr_fast.demo as demo
+
+    saved = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(REFERENCE_COLUMNS)
+    try:
+        sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+        helps = {name: sub.choices[name].format_help() for name in ("realign", "verify", "eval")}
+        demo_parser = argparse.ArgumentParser(prog="nlsr-fast demo", description=(demo.__doc__ or "").strip())
+        demo.add_arguments(demo_parser)
+        helps["demo"] = demo_parser.format_help()
+    finally:
+        if saved is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = saved
+    version = ".".join(map(str, REFERENCE_PYTHON))
+    lines = ["# Command-line reference", "",
+             f"Every command's `--help`, as it prints (argparse of Python {version}, {REFERENCE_COLUMNS} columns). "
+             "The options of `nlsr-fast realign` are the same in Python (`nlsr_fast.realign(..., name=value)`) and "
+             "in a `--config` YAML file; `nlsr-fast bench` is `python -m nlsr_fast.bench` "
+             "([benchmarks](benchmarks.md)).", ""]
+    for name, text in helps.items():
+        lines += [f"## nlsr-fast {name}", "", "```text", text.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
 def load_yaml_options(path: str | Path) -> dict[str, Any]:
     """Option values from a YAML mapping; keys may use - or _; unknown keys raise ValueError naming them."""
     import yaml

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from nlsr_fast.cli import REFERENCE_PYTHON, cli_reference
 from nlsr_fast.methods import METHODS, methods_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,6 +123,15 @@ def test_readme_methods_table_is_the_registrys() -> None:
     for row in rows:  # the modes column against the declarations
         name = row[0].split()[0].strip("`")
         assert {m.strip().lower() for m in row[1].split(",")} == set(METHODS[name].modes)
+
+
+@pytest.mark.skipif(sys.version_info[:2] != REFERENCE_PYTHON, reason="argparse formats help differently elsewhere")
+def test_cli_reference_page_is_the_help() -> None:
+    """docs/cli.md is every command's --help as the code prints it (regenerate: CONTRIBUTING.md, Documentation)."""
+    page = (DOCS / "cli.md").read_text(encoding="utf-8")
+    assert page == cli_reference()
+    assert all(f"## nlsr-fast {c}" in page for c in ("realign", "verify", "eval", "demo"))
+    assert all(f"--{flag.replace('_', '-')}" in page for flag in ("prune_rate", "extra_tensors", "task_regex"))
 
 
 def _examples() -> list[str]:
