@@ -3,8 +3,9 @@
 Checks, in order:
   1. manifest.json: every file present with its size and sha256, nothing added (io.manifest.check_manifest);
   2. report.json and masks.safetensors agree: every module of the report has its masks (and no mask is left over),
-     with the recorded shapes and densities; the restored flags agree with the counts, the adaptive draws, the
-     threshold rule and the changed-entry counts;
+     with the recorded shapes and densities; each mask keeps exactly the count of its method's rule (per row, or
+     per factor for low_rank, with the preset's offset: docs/algorithm.md §9.1); the restored flags agree with the
+     counts, the adaptive draws, the threshold rule and the changed-entry counts;
   3. the weights agree with the report: the output holds every module of the report;
   4. with the fine-tuned input: every module not restored, and every other tensor, equals it bit for bit; in a
      restored module every entry outside the mask equals it, and the number of changed entries is the report's;
@@ -136,9 +137,43 @@ def _mask_keys(name: str, mode: str) -> list[tuple[str, str]]:
     return [(f"{name}.lora_A", "a"), (f"{name}.lora_B", "b")] if mode == "lora" else [(name, "a")]
 
 
+def _mask_rule(report: dict[str, Any]) -> tuple[str, str, float, int] | None:
+    """(method, mask group, sparsity, entries fewer) of the run's masks, from its method's declaration (None when the
+    report names no known method or sparsity)."""
+    from nlsr_fast import methods
+
+    cfg = _section(report, "config")
+    name, sparsity = cfg.get("method"), cfg.get("sparsity")
+    if name not in methods.METHODS or not isinstance(sparsity, (int, float)) or not 0 <= sparsity <= 1:
+        return None
+    group = methods.METHODS[name].group
+    fewer = int(_section(report, "preset").get("low_rank_count_offset") or 0) if group == "matrix" else 0
+    return name, group, float(sparsity), fewer
+
+
+def _count_problem(key: str, mask: Any, rule: tuple[str, str, float, int]) -> str | None:
+    """Why `mask` breaks the count rule of its method, or None."""
+    from nlsr_fast.ops import keep_count_for_sparsity
+
+    method, group, sparsity, fewer = rule
+    if group == "matrix":
+        want, got = keep_count_for_sparsity(mask.rows * mask.cols, sparsity, fewer=fewer), mask.count()
+        if got != want:
+            return f"mask {key} keeps {got} entries; {method} at sparsity {sparsity} keeps {want}"
+        return None
+    want = keep_count_for_sparsity(mask.cols, sparsity)
+    bad = (mask.row_counts() != want).nonzero()
+    if len(bad):
+        row = int(bad[0])
+        return (f"mask {key}: row {row} keeps {int(mask.row_counts()[row])} entries; {method} at sparsity {sparsity} "
+                f"keeps {want} per row ({len(bad)} rows differ)")
+    return None
+
+
 def _check_records(out: Path, report: dict[str, Any], records: list[dict[str, Any]], masks: Mapping[str, Any],
                    mode: str, problems: list[str]) -> None:
     where = out / "report.json"
+    rule = _mask_rule(report)
     names = [r["name"] for r in records]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -160,6 +195,9 @@ def _check_records(out: Path, report: dict[str, Any], records: list[dict[str, An
             if isinstance(density, (int, float)) and abs(mask.density() - density) > _TOL:
                 problems.append(f"module {name}: mask {key} has density {mask.density():.6g}, report.json says "
                                 f"{density:.6g}")
+            broken = _count_problem(key, mask, rule) if rule is not None else None
+            if broken is not None:
+                problems.append(f"module {name}: {broken}")
         restored = rec.get("restored")
         if not isinstance(restored, bool):
             problems.append(f"module {name}: restored flag {restored!r} is not true or false")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -363,3 +364,57 @@ def test_non_finite_output_is_found(good: Path, tmp_path: Path) -> None:
     _rewrite_adapter(out, change)
     assert verify(out) == [f"tensor {key}: 1 non-finite value(s), the first at flat index 5 (nan); the run did not "
                            "allow non-finite inputs"]
+
+
+def _forge_masks(out: Path, key: str, change) -> tuple[float, float]:
+    """Rewrite one mask of out's masks.safetensors through `change(bool tensor)` and re-seal the manifest; the mask's
+    density before and after."""
+    from nlsr_fast.ops import PackedMask, load_masks, save_masks
+
+    # copies: the loaded bits may be mapped from the file that save_masks truncates
+    masks = {k: PackedMask(m.bits.clone(), m.shape) for k, m in load_masks(out / "masks.safetensors").items()}
+    before = masks[key].density()
+    dense = masks[key].to_bool().clone()
+    change(dense)
+    masks[key] = PackedMask.from_bool(dense)
+    save_masks(out / "masks.safetensors", masks)
+    write_manifest(out)
+    return before, masks[key].density()
+
+
+def test_mask_counts_follow_the_methods_rule_per_row(good: Path, tmp_path: Path) -> None:
+    """A random mask whose total is right but one entry moved to another row: the density agrees with the report,
+    the per-row count of the method does not (docs/algorithm.md §9.1)."""
+    out = _copy(good, tmp_path / "o")
+    name = _report(out)["modules"][0]["name"]
+
+    def move(m: torch.Tensor) -> None:
+        m[0, int(m[0].nonzero()[0])] = False
+        m[1, int((~m[1]).nonzero()[0])] = True
+
+    before, after = _forge_masks(out, f"{name}.lora_A", move)
+    assert before == after
+    problems = verify(out)
+    want = 32 - math.floor(0.8 * 32)  # d_in = 32 at the default sparsity
+    assert f"module {name}: mask {name}.lora_A: row 0 keeps {want - 1} entries; random at sparsity 0.8 keeps {want} " \
+           "per row (2 rows differ)" in problems
+    assert all("density" not in p for p in problems)
+
+
+def test_mask_counts_follow_the_methods_rule_per_factor(world: _World, tmp_path: Path) -> None:
+    """low_rank keeps n - floor(s n) of each whole factor (one fewer in the official preset): one more entry, with
+    the report's density forged to match, is found."""
+    calib = testing.write_calibration_jsonl(tmp_path / "c.jsonl", 8)
+    for preset, fewer in (("paper", 0), ("official", 1)):
+        out = world.realign(tmp_path / preset, method="low_rank", preset=preset, calibration=calib, nsamples=8)
+        assert verify(out) == []
+        rep = _report(out)
+        rec = rep["modules"][0]
+        key = f"{rec['name']}.lora_B"
+        d_out, r = rec["shape_b"]
+        _, after = _forge_masks(out, key, lambda m: m.view(-1).__setitem__(int((~m.view(-1)).nonzero()[0]), True))
+        rec["density_b"] = after
+        _set_report(out, rep)
+        want = d_out * r - math.floor(0.8 * d_out * r) - fewer
+        assert verify(out) == [f"module {rec['name']}: mask {key} keeps {want + 1} entries; low_rank at sparsity 0.8 "
+                               f"keeps {want}"]

@@ -189,5 +189,7 @@ def load_masks(path: str | os.PathLike[str]) -> dict[str, PackedMask]:
         for name in f.keys():
             if name not in shapes:
                 raise ValueError(f"{path}: tensor {name!r} has no recorded mask shape")
-            out[name] = PackedMask(f.get_tensor(name).contiguous(), tuple(shapes[name]))
+            # A private copy: the tensor safetensors returns is mapped from the file, which a later save_masks to
+            # the same path would truncate under it.
+            out[name] = PackedMask(f.get_tensor(name).clone(memory_format=torch.contiguous_format), tuple(shapes[name]))
     return out

@@ -149,3 +149,14 @@ def test_masks_file_and_save_masks_write_the_same_bytes(tmp_path: Path) -> None:
     assert saved == _expected_file({k: masks[k].bits for k in sorted(masks)}, {"nlsr_fast.packed_mask.shapes": shapes})
     back = load_masks(tmp_path / "saved.safetensors")
     assert set(back) == set(masks) and all(back[k].equal(m) for k, m in masks.items())
+
+
+def test_masks_saved_over_the_file_they_were_loaded_from(tmp_path: Path) -> None:
+    """load_masks returns private copies: saving them back to the same path writes the same masks, not the zeros of
+    a file truncated under a mapping."""
+    masks = _masks()
+    path = tmp_path / "masks.safetensors"
+    save_masks(path, masks)
+    first = path.read_bytes()
+    save_masks(path, load_masks(path))
+    assert path.read_bytes() == first
