@@ -178,9 +178,7 @@ def cli_reference() -> str:
     try:
         sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
         helps = {name: sub.choices[name].format_help() for name in ("realign", "verify", "eval")}
-        demo_parser = argparse.ArgumentParser(prog="nlsr-fast demo", description=(demo.__doc__ or "").strip())
-        demo.add_arguments(demo_parser)
-        helps["demo"] = demo_parser.format_help()
+        helps["demo"] = _demo_parser(demo.add_arguments, demo.__doc__).format_help()
     finally:
         if saved is None:
             del os.environ["COLUMNS"]
@@ -289,9 +287,14 @@ def _demo(argv: Sequence[str]) -> int:
     if add_arguments is None or run is None:
         print("nlsr-fast demo: not available (nlsr_fast.demo has no main/add_arguments)", file=sys.stderr)
         return 2
-    parser = argparse.ArgumentParser(prog="nlsr-fast demo", description=(demo.__doc__ or "").strip() or None)
+    return int(run(_demo_parser(add_arguments, demo.__doc__).parse_args(list(argv))))
+
+
+def _demo_parser(add_arguments: Any, doc: str | None) -> argparse.ArgumentParser:
+    """The parser of `nlsr-fast demo` (its flags come from nlsr_fast.demo), as it runs and as docs/cli.md shows it."""
+    parser = argparse.ArgumentParser(prog="nlsr-fast demo", description=(doc or "").strip() or None)
     add_arguments(parser)
-    return int(run(parser.parse_args(list(argv))))
+    return parser
 
 
 def _bench(argv: Sequence[str]) -> int:

@@ -202,7 +202,7 @@ class DenseSpace:
         if spec.gradients:
             raise AssertionError(f"masks of method {self.method!r} are computed by calibration before pass 1")
         scale = None
-        if spec.needs is methods.Needs.STATISTICS:  # |W| x the input's norm per column
+        if spec.col_scale is not None:  # a statistics method: |W| x its per-column input scale (runs.DenseRun)
             scale = self.col_scale[name].to(device=self.device, dtype=torch.float32)
         # Rows are masked independently, so the fp32 delta is formed one block of rows at a time: the transient
         # stays at _SCORE_ROWS rows whatever the weight's size.

@@ -162,10 +162,11 @@ def _count_problem(key: str, mask: Any, rule: tuple[str, str, float, int]) -> st
             return f"mask {key} keeps {got} entries; {method} at sparsity {sparsity} keeps {want}"
         return None
     want = keep_count_for_sparsity(mask.cols, sparsity)
-    bad = (mask.row_counts() != want).nonzero()
+    counts = mask.row_counts()
+    bad = (counts != want).nonzero()
     if len(bad):
         row = int(bad[0])
-        return (f"mask {key}: row {row} keeps {int(mask.row_counts()[row])} entries; {method} at sparsity {sparsity} "
+        return (f"mask {key}: row {row} keeps {int(counts[row])} entries; {method} at sparsity {sparsity} "
                 f"keeps {want} per row ({len(bad)} rows differ)")
     return None
 
