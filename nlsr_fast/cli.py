@@ -60,16 +60,20 @@ def _add_realign(sub: Any) -> None:
                    "skips amplification")
     p.add_argument("--preset", choices=sorted(PRESETS), help="paper (default) or official (the released code)")
     p.add_argument("--method", choices=methods.names(), metavar="METHOD",
-                   help=f"the neuron score (default {methods.DEFAULT}): "
+                   help=f"the method (default {methods.DEFAULT}): "
                    + "; ".join(f"{n} ({', '.join(m.modes)}): {m.summary}" for n, m in methods.METHODS.items())
                    .replace("%", "%%"))
     p.add_argument("--sparsity", type=float, help="sparsity s; masks keep the top 1-s (default 0.8)")
     p.add_argument("--alpha", type=float, help="amplification coefficient (default 0.9)")
-    p.add_argument("--selection", choices=SELECTIONS, help="module selection rule (default adaptive)")
+    p.add_argument("--selection", choices=SELECTIONS, help="module selection rule (default: the method's; "
+                   "adaptive, count for safelora, all for antidote)")
     p.add_argument("--prune-rate", type=float, help="rho, mean restore probability of adaptive (default 0.5)")
     p.add_argument("--epsilon", type=float, help="spread of the adaptive probabilities (default 0.2)")
     p.add_argument("--tau", type=float, help="threshold selection: restore modules with S < tau")
     p.add_argument("--fraction", type=float, help="fraction selection: restore the ceil(q N) least similar")
+    p.add_argument("--count", type=int, help="count selection: repair the COUNT least similar modules (safelora's "
+                   "default: 10)")
+    p.add_argument("--prune-ratio", type=float, help="antidote: the share of each row pruned, zeroed (default 0.1)")
     p.add_argument("--seed", type=int, help="seed (default 42)")
     p.add_argument("--nsamples", type=int, help="calibration samples (default 2000)")
     p.add_argument("--max-response-tokens", type=int, help="response tokens kept per sample (default 256)")

@@ -29,7 +29,7 @@ METHODS = methods.names()
 MODES = ("auto", "lora", "dense")
 SCORE_ON = ("delta", "weight")
 EXTRA_TENSORS = ("refuse", "restore", "keep")
-SELECTIONS = ("adaptive", "threshold", "fraction")
+SELECTIONS = ("adaptive", "threshold", "fraction", "count", "all")
 TEMPLATES = ("alpaca", "chat")
 CALIB_DTYPES = ("float32", "bfloat16", "float16")
 BACKENDS = ("reference", "cpu", "triton")
@@ -154,11 +154,15 @@ class RealignConfig:
         method: neuron score, one of METHODS.
         sparsity: s in [0, 1]; each mask keeps the top 1 - s share.
         alpha: amplification coefficient >= 0 (ignored when a ready reference is given).
-        selection: "adaptive" (Bernoulli per module), "threshold" (S < tau) or "fraction" (ceil(q N) least similar).
+        selection: "adaptive" (Bernoulli per module), "threshold" (S < tau), "fraction" (ceil(q N) least similar),
+            "count" (the `count` least similar) or "all" (every module); None: the method's default (the first of its
+            `selections`: adaptive for NLSR's scores, count for safelora, all for antidote).
         prune_rate: rho in [0, 1], the mean restore probability of `adaptive`.
         epsilon: spread in [0, 1] of the adaptive probabilities around rho.
         tau: similarity threshold in [-1, 1], required by "threshold".
         fraction: q in [0, 1], required by "fraction".
+        count: the number of least similar modules "count" chooses (safelora's default: 10).
+        prune_ratio: antidote: the share of each row pruned (zeroed), in [0, 1] (default 0.1).
         seed: seed of the Bernoulli draw, the calibration sampling and the `random` masks.
         nsamples: calibration samples used (>= 1).
         max_response_tokens: response tokens kept per sample (>= 1).
@@ -182,11 +186,13 @@ class RealignConfig:
     method: str = methods.DEFAULT
     sparsity: float = 0.8
     alpha: float = 0.9
-    selection: str = "adaptive"
+    selection: str | None = None
     prune_rate: float = 0.5
     epsilon: float = 0.2
     tau: float | None = None
     fraction: float | None = None
+    count: int | None = None
+    prune_ratio: float | None = None
     seed: int = 42
     nsamples: int = 2000
     max_response_tokens: int = 256
@@ -206,6 +212,7 @@ class RealignConfig:
     def __post_init__(self) -> None:
         _check_choice("preset", self.preset, tuple(PRESETS))
         _check_choice("method", self.method, METHODS)
+        self._resolve_method_options()
         _check_choice("selection", self.selection, SELECTIONS)
         _check_choice("template", self.template, TEMPLATES)
         _check_range("sparsity", self.sparsity, 0.0, 1.0)
@@ -231,6 +238,10 @@ class RealignConfig:
             raise ValueError(
                 f"fraction={self.fraction!r} is only used with selection='fraction', got selection={self.selection!r}"
             )
+        if self.selection == "count":
+            _check_int("count", self.count, 0)
+        elif self.count is not None:
+            raise ValueError(f"count={self.count!r} is only used with selection='count', got selection={self.selection!r}")
         # torch.Generator.manual_seed takes [-2**63, 2**64 - 1]; seeds here are non-negative.
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= SEED_MAX:
             raise ValueError(f"seed must be an integer in [0, {SEED_MAX}], got {self.seed!r}")
@@ -262,6 +273,31 @@ class RealignConfig:
             except (RuntimeError, TypeError) as exc:
                 raise ValueError(f"device {self.device!r} is not a torch device: {exc}") from None
             _check_device_available(self.device, dev)
+
+    def _resolve_method_options(self) -> None:
+        """Fill the options the method gives defaults (its first selection, its count, its prune ratio) and refuse
+        the ones that do not apply to it (one line naming the option and the method)."""
+        spec = methods.METHODS[self.method]
+        if self.selection is None:
+            object.__setattr__(self, "selection", spec.selections[0])
+        if self.selection not in spec.selections:
+            raise ValueError(f"method {self.method!r} takes selection {' or '.join(map(repr, spec.selections))}, got "
+                             f"selection={self.selection!r}")
+        if self.selection == "count" and self.count is None and "count" in spec.defaults:
+            object.__setattr__(self, "count", spec.defaults["count"])
+        if spec.share == "prune_ratio":
+            if self.prune_ratio is None:
+                object.__setattr__(self, "prune_ratio", spec.defaults["prune_ratio"])
+            _check_range("prune_ratio", self.prune_ratio, 0.0, 1.0)
+        elif self.prune_ratio is not None:
+            users = [n for n, m in methods.METHODS.items() if m.share == "prune_ratio"]
+            raise ValueError(f"prune_ratio={self.prune_ratio!r} applies to {users}, not to method {self.method!r} "
+                             "(its masks keep the top 1 - sparsity)")
+
+    @property
+    def mask_sparsity(self) -> float:
+        """The s of the run's mask functions: sparsity, or 1 - prune_ratio for a method that marks what it prunes."""
+        return self.method_spec.mask_sparsity(self.sparsity, self.prune_ratio)
 
     @property
     def preset_spec(self) -> Preset:

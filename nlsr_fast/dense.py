@@ -163,6 +163,7 @@ class DenseSpace:
         self.col_scale = col_scale or {}
         self.rest = rest or {}
         self._module_set = set(targets)
+        self.spec = methods.get(method, "dense")
 
     def mask_keys(self, name: str) -> tuple[str]:
         return (name,)
@@ -196,7 +197,9 @@ class DenseSpace:
 
     def masks(self, name: str, loaded: DenseModule) -> dict[str, PackedMask]:
         keep = 1.0 - self.sparsity
-        spec = methods.get(self.method, "dense")
+        spec = self.spec
+        if spec.repair == "project":  # a projected module is replaced whole
+            return {name: PackedMask.ones(tuple(loaded.w_t.shape), self.device)}
         if spec.draw is not None:
             return {name: spec.draw(loaded.w_e, sparsity=self.sparsity, seed=self.seed, key=name, backend=self.backend)}
         if spec.gradients:
@@ -211,19 +214,31 @@ class DenseSpace:
         for r in range(0, d_out, _SCORE_ROWS):
             rows = slice(r, r + _SCORE_ROWS)
             out = self._block(min(_SCORE_ROWS, d_out - r), d_in, torch.float32)
-            block = self.score_tensor(DenseModule(loaded.w_t[rows], loaded.w_e[rows], loaded.w_0[rows]), out=out)
+            if spec.calibrate_on == "finetuned":  # antidote scores the fine-tuned weights themselves
+                block = out.copy_(loaded.w_t[rows])
+            else:
+                block = self.score_tensor(DenseModule(loaded.w_t[rows], loaded.w_e[rows], loaded.w_0[rows]), out=out)
             mask.bits[rows] = row_topk_mask(block, keep, col_scale=scale, backend=self.backend).bits
         return {name: mask}
 
     def similarity(self, name: str, loaded: DenseModule, masks: dict[str, PackedMask]) -> float:
         from nlsr_fast.pipeline.similarity import logged_warnings
 
+        if self.spec.repair == "project":  # safelora: the reference is the aligned model itself
+            from nlsr_fast.methods.safelora import dense_projection
+
+            return dense_projection(name, loaded.w_e, loaded.w_0, loaded.w_t)[1]
+
         with logged_warnings():
             return masked_delta_cosine(loaded.w_t, loaded.w_e, masks[name].to(self.device), base=loaded.w_0,
                                        name=name, backend=self.backend)
 
     def restore_values(self, name: str, loaded: DenseModule, masks: dict[str, PackedMask]) -> dict[str, torch.Tensor]:
-        """W_e under the mask, cast to W_t's dtype (what restoration puts there), one block of rows at a time."""
+        """W_e under the mask, cast to W_t's dtype (what restoration puts there), one block of rows at a time.
+        Nothing for prune (zeros) and project (the few chosen modules are projected again in pass 2: keeping every
+        module's projection would stash the whole model)."""
+        if self.spec.repair != "restore":
+            return {}
         mask = masks[name].to(self.device)
         blocks = []
         for r in range(0, mask.rows, _SCORE_ROWS):
@@ -231,6 +246,13 @@ class DenseSpace:
             cast = self._block(n, mask.cols, loaded.w_t.dtype).copy_(loaded.w_e[r:r + n])  # rounds as .to() does
             blocks.append(masked_values(cast, PackedMask(mask.bits[r:r + n], (n, mask.cols)), backend=self.backend))
         return {name: torch.cat(blocks) if blocks else loaded.w_t.new_empty(0)}
+
+    @staticmethod
+    def spec_projection(name: str, loaded: DenseModule) -> torch.Tensor:
+        """safelora's W_a + C dW (fp32) of a module, from its loaded tensors (the reference is W_a)."""
+        from nlsr_fast.methods.safelora import dense_projection
+
+        return dense_projection(name, loaded.w_e, loaded.w_0, loaded.w_t)[0]
 
     # -- file order (pass 1 reads in it) and pass 2: the output checkpoint ---------------------------------------
     def file_order(self, names: list[str]) -> list[str]:
@@ -256,20 +278,27 @@ class DenseSpace:
             self.out.write(key, loaded)
             return {}
         out = self._block(loaded.shape[0], loaded.shape[1], loaded.dtype)
-        new, changed = put_masked_values(loaded, masks[item], values[item], out=out, backend=self.backend)
+        value = values.get(item)
+        if value is None and self.spec.repair == "project":
+            module = self.load(item)
+            value = self.spec_projection(item, module).to(loaded.dtype).reshape(-1)
+        elif value is None:  # prune: the masked entries become zero
+            value = loaded.new_zeros(masks[item].count())
+        new, changed = put_masked_values(loaded, masks[item], value, out=out, backend=self.backend)
         self.out.write(key, new)
         return {item: changed}
 
 
 class ReferenceReader:
-    """The reference model seen as a checkpoint reader, for the calibration engine: W_e (in the base's dtype) for
-    the targets, the base's tensors elsewhere. Only the reader protocol the engine uses (config, keys, dtype,
+    """The reference model (or, with `finetuned`, the fine-tuned one) seen as a checkpoint reader, for the
+    calibration engine: W_e (in the base's dtype) for the targets, the base's tensors elsewhere. Only the reader protocol the engine uses (config, keys, dtype,
     get, get_many)."""
 
-    def __init__(self, space: DenseSpace) -> None:
+    def __init__(self, space: DenseSpace, finetuned: bool = False) -> None:
         self.space, self.base = space, space.base
         self.config = space.base.config
         self._targets = {f"{n}.weight" for n in space.modules}
+        self.finetuned = finetuned  # the fine-tuned weights instead (a method that calibrates on that model)
 
     def keys(self) -> list[str]:
         return self.base.keys()
@@ -278,6 +307,8 @@ class ReferenceReader:
         return self.base.dtype(key)
 
     def get(self, key: str) -> torch.Tensor:
+        if self.finetuned:  # every tensor of the fine-tuned model (its norms and embeddings too), in the base's dtype
+            return self.space.ft.read(key).to(self.base.dtype(key))
         if key not in self._targets:
             return self.base.get(key)
         w_0 = read_base(self.base, key, self.space.nonfinite)

@@ -128,8 +128,42 @@ def open_inputs(config: RealignConfig, base_p: Path, aligned_p: Path, ft_p: Path
         inputs = Inputs(mode, base, ft, aligned, reference, ft.modules, paths, extras=extras, extra_records=records)
     else:
         inputs = _open_dense(config, base, ft, aligned, reference, paths, nonfinite)
+    if config.method_spec.repair == "project":
+        _check_projection(config, inputs)
     check_calibration_file(config, calib_p)
     return inputs
+
+
+def _check_projection(config: RealignConfig, inputs: Inputs) -> None:
+    """safelora, before any long computation: no --reference (it projects on the aligned model's own change); in
+    LoRA mode every module's aligned change V is non-zero (the factors are small: read them all); in dense mode, the
+    GEMMs of a full-rank V fit the CPU budget (from the shapes alone)."""
+    from nlsr_fast.methods import safelora
+
+    if inputs.reference is not None:
+        raise ValueError(f"method {config.method!r} projects on the aligned model's own change (V = W_aligned - "
+                         "W_base); a reference (--reference) does not apply")
+    if inputs.mode == "lora":
+        from nlsr_fast.lora import read_raw
+
+        aligned = inputs.aligned
+        for name in inputs.modules:
+            m = aligned.module(name)
+            a, b = (read_raw(aligned, k).double() for k in (m.key_a, m.key_b))
+            if m.transposed:
+                a, b = a.t(), b.t()
+            if float(((b.T @ b) * (a @ a.T)).sum()) <= 0.0:
+                raise safelora.no_delta(name)
+        return
+    if resolve_device(config.device).type != "cpu":
+        return
+    shapes = [inputs.finetuned.shape(f"{name}.weight") for name in inputs.modules]
+    flops = sum(safelora.dense_flops(*shape) for shape in shapes)
+    if flops > safelora.CPU_FLOP_LIMIT:
+        raise ValueError(f"method {config.method!r} in dense mode on a CPU: C dW for {len(shapes)} modules costs "
+                         f"{flops / 1e12:.0f} TFLOP (4 d_out d_in min(d_out, d_in) each), above the "
+                         f"{safelora.CPU_FLOP_LIMIT / 1e12:.0f} TFLOP this tool runs on a CPU (hours at CPU speed); "
+                         "run it on a GPU (--device cuda), or on fewer modules (--targets)")
 
 
 def _check_float_factors(adapter: Any) -> None:

@@ -86,6 +86,8 @@ class LoraSpace:
         self.out = out
         self.extras = extras or {}
         self.modules: list[str] = ft.modules
+        self.spec = methods.get(method, "lora")
+        self._projected: dict[str, torch.Tensor] = {}  # safelora: a module's output A, from pass 1's similarity
 
     def mask_keys(self, name: str) -> tuple[str, str]:
         return lora_mask_keys(name)
@@ -104,11 +106,15 @@ class LoraSpace:
         return self.reference(name, (read_raw(self.source, src.key_a, self.nonfinite),
                                      read_raw(self.source, src.key_b, self.nonfinite)))
 
-    def load(self, name: str) -> LoraModuleTensors:
+    def load_finetuned(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A_t, B_t (stored dtype, on the device) of `name`, read and checked."""
         m = self.ft.module(name)
         raw_t = (read_raw(self.ft, m.key_a, self.nonfinite), read_raw(self.ft, m.key_b, self.nonfinite))
         a_t, b_t = self._oriented(self.ft, name, raw_t)
-        return LoraModuleTensors((a_t.to(self.device), b_t.to(self.device)), self.load_reference(name))
+        return a_t.to(self.device), b_t.to(self.device)
+
+    def load(self, name: str) -> LoraModuleTensors:
+        return LoraModuleTensors(self.load_finetuned(name), self.load_reference(name))
 
     @staticmethod
     def _oriented(adapter: LoraAdapter, name: str, raw: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor,
@@ -118,7 +124,7 @@ class LoraSpace:
 
     # -- stages ---------------------------------------------------------------------------------------------------
     def masks(self, name: str, loaded: LoraModuleTensors) -> dict[str, PackedMask]:
-        if methods.get(self.method).needs_calibration:
+        if self.spec.needs_calibration:
             raise AssertionError(f"masks of method {self.method!r} are computed by calibration before pass 1")
         # Each mask has its own stream (seed, mask key): no other module is drawn, whatever the order or process.
         got = masks_from_statistics(self.method, {name: loaded.ref}, sparsity=self.sparsity, preset=self.preset,
@@ -126,15 +132,29 @@ class LoraSpace:
         return dict(zip(lora_mask_keys(name), got, strict=True))
 
     def similarity(self, name: str, loaded: LoraModuleTensors, masks: dict[str, PackedMask]) -> float:
+        if self.spec.repair == "project":  # safelora: the reference is the aligned adapter itself
+            from nlsr_fast.methods.safelora import lora_projection
+
+            self._projected[name], cos = lora_projection(name, loaded.ref, self.source.scale(name), loaded.ft,
+                                                         self.ft.scale(name))
+            return cos
         key_a, key_b = lora_mask_keys(name)
         return similarity({name: loaded.ft}, {name: loaded.ref}, {name: (masks[key_a], masks[key_b])},
                           backend=self.backend, warn=False)[name]
 
     def restore_values(self, name: str, loaded: LoraModuleTensors,
                        masks: dict[str, PackedMask]) -> dict[str, torch.Tensor]:
-        """The reference under each mask, cast to the fine-tuned dtype (what `restore` puts there)."""
+        """What the repair puts under each mask, cast to the fine-tuned dtype: the reference's entries (restore),
+        the projected module's whole factors (project: the new A, and the aligned B); nothing for prune (zeros)."""
+        if self.spec.repair == "prune":
+            return {}
+        key_a, key_b = lora_mask_keys(name)
+        if self.spec.repair == "project":
+            a_t, b_t = loaded.ft
+            return {key_a: self._projected.pop(name).to(a_t.dtype).reshape(-1),
+                    key_b: loaded.ref[1].to(b_t.dtype).reshape(-1)}
         return {key: masked_values(e.to(t.dtype), masks[key], backend=self.backend)
-                for key, t, e in zip(lora_mask_keys(name), loaded.ft, loaded.ref, strict=True)}
+                for key, t, e in zip((key_a, key_b), loaded.ft, loaded.ref, strict=True)}
 
     # -- file order (pass 1 reads in it) and pass 2: the output adapter ------------------------------------------
     def file_order(self, items: list[str]) -> list[str]:
@@ -167,7 +187,10 @@ class LoraSpace:
         changed = {}
         new = []
         for key, t in zip(lora_mask_keys(item), self._oriented(self.ft, item, loaded), strict=True):
-            restored, changed[key] = put_masked_values(t, masks[key], values[key], backend=self.backend)
+            value = values.get(key)
+            if value is None:  # prune: the masked entries become zero
+                value = t.new_zeros(masks[key].count())
+            restored, changed[key] = put_masked_values(t, masks[key], value, backend=self.backend)
             new.append(restored)
         for key, t in self.ft.to_raw(item, *new).items():
             self.out.write(key, t)

@@ -71,7 +71,8 @@ def _version() -> str:
 
 def _select_kwargs(config: RealignConfig) -> dict[str, Any]:
     return {"selection": config.selection, "prune_rate": config.prune_rate, "epsilon": config.epsilon,
-            "seed": config.seed, "preset": config.preset_spec, "tau": config.tau, "fraction": config.fraction}
+            "seed": config.seed, "preset": config.preset_spec, "tau": config.tau, "fraction": config.fraction,
+            "count": config.count}
 
 
 def _engine_kwargs(config: RealignConfig, device: torch.device) -> dict[str, Any]:
@@ -182,9 +183,12 @@ class LoraRun(_Run):
         plan = [(k, ft.raw_dtype(k), ft.raw_shape(k)) for k in ft.raw_keys]
         path = self.tmp / ADAPTER_SAFETENSORS
         self.out = PlannedSafetensors(path, plan, self.metadata, create=self.create(path))
+        # A ready reference is used as it is; safelora's reference is the aligned adapter itself (not amplified).
         given = self.inputs.reference is not None
+        as_is = given or cfg.method_spec.repair == "project"
         self.space = LoraSpace(ft, self.inputs.reference if given else self.inputs.aligned, preset=cfg.preset_spec,
-                               amplify_alpha=None if given else cfg.alpha, method=cfg.method, sparsity=cfg.sparsity,
+                               amplify_alpha=None if as_is else cfg.alpha, method=cfg.method,
+                               sparsity=cfg.mask_sparsity,
                                seed=cfg.seed, backend=cfg.backend, device=self.device, nonfinite=self.nonfinite,
                                out=self.out, extras=self.inputs.extras)
 
@@ -201,13 +205,20 @@ class LoraRun(_Run):
         for name in in_file_order:  # non-finite fine-tuned factors are refused before the long calibration
             read_raw(space.ft, space.ft.module(name).key_a, self.nonfinite)
             read_raw(space.ft, space.ft.module(name).key_b, self.nonfinite)
-        # The engine applies every module's reference adapter while it streams the base, so the reference factors
-        # are held for calibration (fp32: 2x the adapter's bf16 size).
-        loaded = {name: space.load_reference(name) for name in in_file_order}
+        # The engine applies every module's reference adapter (or, for a method that scores the fine-tuned model,
+        # its adapter) while it streams the base, so those factors are held for calibration (fp32: 2x the adapter's
+        # bf16 size).
+        spec = cfg.method_spec
+        if spec.calibrate_on == "finetuned":
+            loaded = {name: tuple(t.float() for t in space.load_finetuned(name)) for name in in_file_order}
+            scales = {name: space.ft.scale(name) for name in space.modules}
+        else:
+            loaded = {name: space.load_reference(name) for name in in_file_order}
+            scales = {name: space.source.scale(name) for name in space.modules}
         ref = {name: loaded[name] for name in space.modules}  # model order, as the in-memory stages take it
-        scales = {name: space.source.scale(name) for name in space.modules}
-        masks = score(cfg.method, ref, sparsity=cfg.sparsity, preset=cfg.preset_spec, seed=cfg.seed,
-                      base=self.inputs.base, calib=self.calib, scales=scales, sequential=cfg.sequential,
+        masks = score(cfg.method, ref, sparsity=cfg.mask_sparsity, preset=cfg.preset_spec, seed=cfg.seed,
+                      base=self.inputs.base, calib=self.calib, scales=scales,
+                      sequential=cfg.sequential and spec.sequential,
                       backend=cfg.backend, progress=self.progress.layers(f"calibration ({cfg.method})"),
                       reduce=self.reduce, checkpoint=self.layer_checkpoint(), **_engine_kwargs(cfg, self.device))
         del ref
@@ -256,9 +267,11 @@ class DenseRun(_Run):
         plan = [(k, ft.dtype(k), tuple(ft.shape(k))) for k in ft.keys()]
         self.out = PlannedShards(self.tmp, plan, max_shard_bytes=cfg.max_shard_bytes, metadata=self.metadata,
                                create=self.dist.root)
-        self.space = DenseSpace(self.inputs.base, self.inputs.aligned, ft, self.inputs.reference,
+        # safelora's reference is the aligned model itself (W_e = W_a, read as a ready reference).
+        reference = self.inputs.aligned if cfg.method_spec.repair == "project" else self.inputs.reference
+        self.space = DenseSpace(self.inputs.base, self.inputs.aligned, ft, reference,
                                 targets=self.inputs.modules, method=cfg.method, score_on=cfg.score_on,
-                                sparsity=cfg.sparsity, alpha=cfg.alpha, seed=cfg.seed, backend=cfg.backend,
+                                sparsity=cfg.mask_sparsity, alpha=cfg.alpha, seed=cfg.seed, backend=cfg.backend,
                                 device=self.device, nonfinite=self.nonfinite, out=self.out)
 
     def calibrate(self) -> Any:
@@ -280,7 +293,7 @@ class DenseRun(_Run):
                 space.col_scale = load_file(str(scales))
                 return None
             return self.calibrated()
-        reader = ReferenceReader(space)
+        reader = ReferenceReader(space, finetuned=cfg.method_spec.calibrate_on == "finetuned")
         layers = self.progress.layers(f"calibration ({cfg.method})")
         if statistics:
             stats = engine.collect_dense_statistics(reader, space.modules, calib, progress=layers,
@@ -297,7 +310,7 @@ class DenseRun(_Run):
                 save_file(space.col_scale, str(scales))
             self.journal.record("calibration", "")
             return None
-        keep = 1.0 - cfg.sparsity
+        keep = 1.0 - cfg.mask_sparsity
 
         def on_layer(layer: int, grads: dict[str, torch.Tensor]) -> None:
             # One layer of summed |dL/dW| at a time: each becomes its mask at once (written to masks.safetensors by

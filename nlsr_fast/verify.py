@@ -137,18 +137,33 @@ def _mask_keys(name: str, mode: str) -> list[tuple[str, str]]:
     return [(f"{name}.lora_A", "a"), (f"{name}.lora_B", "b")] if mode == "lora" else [(name, "a")]
 
 
+def _repair(report: dict[str, Any]) -> str:
+    """What the run's method does to a chosen module (Method.repair): restore, prune or project."""
+    from nlsr_fast import methods
+
+    spec = methods.METHODS.get(_section(report, "config").get("method"))
+    return spec.repair if spec is not None else "restore"
+
+
 def _mask_rule(report: dict[str, Any]) -> tuple[str, str, float, int] | None:
     """(method, mask group, sparsity, entries fewer) of the run's masks, from its method's declaration (None when the
-    report names no known method or sparsity)."""
+    report names no known method or sparsity). Group "all": every entry (a projected module is replaced whole);
+    an antidote mask marks the top prune_ratio, so its sparsity is 1 - prune_ratio."""
     from nlsr_fast import methods
 
     cfg = _section(report, "config")
-    name, sparsity = cfg.get("method"), cfg.get("sparsity")
-    if name not in methods.METHODS or not isinstance(sparsity, (int, float)) or not 0 <= sparsity <= 1:
+    name, sparsity, ratio = cfg.get("method"), cfg.get("sparsity"), cfg.get("prune_ratio")
+    if name not in methods.METHODS:
         return None
-    group = methods.METHODS[name].group
-    fewer = int(_section(report, "preset").get("low_rank_count_offset") or 0) if group == "matrix" else 0
-    return name, group, float(sparsity), fewer
+    spec = methods.METHODS[name]
+    if spec.repair == "project":
+        return name, "all", 0.0, 0
+    if spec.share == "prune_ratio":
+        sparsity = 1.0 - ratio if isinstance(ratio, (int, float)) and 0 <= ratio <= 1 else None
+    if not isinstance(sparsity, (int, float)) or not 0 <= sparsity <= 1:
+        return None
+    fewer = int(_section(report, "preset").get("low_rank_count_offset") or 0) if spec.group == "matrix" else 0
+    return name, spec.group, float(sparsity), fewer
 
 
 def _count_problem(key: str, mask: Any, rule: tuple[str, str, float, int]) -> str | None:
@@ -156,6 +171,10 @@ def _count_problem(key: str, mask: Any, rule: tuple[str, str, float, int]) -> st
     from nlsr_fast.ops import keep_count_for_sparsity
 
     method, group, sparsity, fewer = rule
+    if group == "all":
+        if mask.count() != mask.rows * mask.cols:
+            return f"mask {key} marks {mask.count()} of {mask.rows * mask.cols} entries; {method} marks every entry"
+        return None
     if group == "matrix":
         want, got = keep_count_for_sparsity(mask.rows * mask.cols, sparsity, fewer=fewer), mask.count()
         if got != want:
@@ -210,9 +229,13 @@ def _check_records(out: Path, report: dict[str, Any], records: list[dict[str, An
         if cfg.get("selection") == "threshold" and isinstance(tau, (int, float)) and isinstance(sim, (int, float)):
             if (sim < tau) != restored:
                 problems.append(f"module {name}: similarity {sim:.6g} vs tau {tau} but restored={restored}")
+        if cfg.get("selection") == "all" and not restored:
+            problems.append(f"module {name}: selection 'all' but restored={restored}")
         changed = sum(int(rec.get(f"changed_{s}") or 0) for s in "ab")
         if not restored and changed:
             problems.append(f"module {name}: not restored but report.json counts {changed} changed entries")
+    if cfg.get("selection") == "count":
+        _check_count_selection(records, cfg.get("count"), problems)
     extra = sorted(set(masks) - expected)
     if extra:
         problems.append(f"masks.safetensors holds masks of no module in report.json: {extra[:5]}")
@@ -223,6 +246,19 @@ def _check_records(out: Path, report: dict[str, Any], records: list[dict[str, An
                         "restored")
     if "modules" in counts and counts["modules"] != len(records):
         problems.append(f"{where}: counts.modules is {counts['modules']} but {len(records)} modules are listed")
+
+
+def _check_count_selection(records: list[dict[str, Any]], count: Any, problems: list[str]) -> None:
+    """selection 'count': min(count, N) modules repaired, and none of them more similar than one left alone."""
+    chosen = [r for r in records if r.get("restored") is True]
+    if isinstance(count, int) and len(chosen) != min(count, len(records)):
+        problems.append(f"selection 'count' {count}: {len(chosen)} of {len(records)} modules repaired")
+    sims = {r["name"]: r.get("similarity") for r in records if isinstance(r.get("similarity"), (int, float))}
+    top = max((sims[r["name"]] for r in chosen if r["name"] in sims), default=None)
+    low = min((sims[r["name"]] for r in records if r.get("restored") is False and r["name"] in sims), default=None)
+    if top is not None and low is not None and top > low:
+        problems.append(f"selection 'count': a repaired module has similarity {top:.6g}, above {low:.6g} of one "
+                        "left alone")
 
 
 # -- weights --------------------------------------------------------------------------------------------------------
@@ -361,7 +397,9 @@ def _check_lora(out: Path, report: dict[str, Any], records: list[dict[str, Any]]
         return
     _check_finite(report, ((k, out_ad.raw(k)) for k in out_ad.raw_keys), problems, checked)
     ft = LoraAdapter.load(paths["finetuned"]) if "finetuned" in paths else None
-    source = _reference_source(report, paths, checked)
+    repair = _repair(report)
+    source = _reference_source(report, paths, checked) if repair == "restore" else None
+    projector = _lora_projector(paths, ft, checked) if repair == "project" else None
     ref_ad = None
     if source is not None:
         ref_ad = LoraAdapter.load(paths[source])
@@ -380,12 +418,16 @@ def _check_lora(out: Path, report: dict[str, Any], records: list[dict[str, Any]]
             return
     for rec in records:
         name, restored = rec["name"], bool(rec.get("restored"))
-        if ft is None and (ref_ad is None or not restored):
+        if ft is None and ((ref_ad is None and repair == "restore") or not restored):
             continue
         a_o, b_o = out_ad.factors(name)
         a_t, b_t = ft.factors(name) if ft is not None else (None, None)
         a_e = b_e = None
-        if ref_ad is not None and restored:
+        if repair == "prune" and restored:
+            a_e, b_e = torch.zeros(a_o.shape), torch.zeros(b_o.shape)
+        elif projector is not None and restored:
+            a_e, b_e = projector(name)
+        elif ref_ad is not None and restored:
             a_e, b_e = ref_ad.factors(name)
             if amplify_args is not None:
                 from nlsr_fast.pipeline.amplify import amplify
@@ -394,20 +436,53 @@ def _check_lora(out: Path, report: dict[str, Any], records: list[dict[str, Any]]
             else:
                 a_e, b_e = a_e.float(), b_e.float()
         _compare(f"module {name}: lora_A", a_o, a_t, a_e, masks[f"{name}.lora_A"], restored,
-                 rec.get("changed_a") if isinstance(rec.get("changed_a"), int) else None, problems)
+                 rec.get("changed_a") if isinstance(rec.get("changed_a"), int) else None, problems,
+                 ref_ulp=projector is not None)
         _compare(f"module {name}: lora_B", b_o, b_t, b_e, masks[f"{name}.lora_B"], restored,
                  rec.get("changed_b") if isinstance(rec.get("changed_b"), int) else None, problems)
     _check_lora_extras(out_ad, ft, names, report, paths, problems, checked)
     if ft is not None and len(problems) == n_before:
         checked.append("unrestored weights equal the fine-tuned input bit for bit")
-    if ref_ad is not None and len(problems) == n_before:
+    if len(problems) == n_before:
         how = "the given reference" if source == "reference" else "the reference recomputed from the aligned adapter"
-        checked.append(f"restored entries equal {how}")
+        _say_repair_checked(repair, f"restored entries equal {how}" if ref_ad is not None else None,
+                            projector is not None, checked)
     out_ad.close()
     if ft is not None:
         ft.close()
     if ref_ad is not None:
         ref_ad.close()
+
+
+def _say_repair_checked(repair: str, restored_note: str | None, projected: bool, checked: list[str]) -> None:
+    """What the weight check found true of the repaired modules (`restored_note`: for a restore, when checked)."""
+    if repair == "prune":
+        checked.append("pruned entries are zero")
+    elif repair == "project" and projected:
+        checked.append("repaired modules equal W_a + C dW recomputed from the inputs (within one unit in the last "
+                       "place)")
+    elif repair == "restore" and restored_note is not None:
+        checked.append(restored_note)
+
+
+def _lora_projector(paths: Mapping[str, Path], ft: Any,
+                    checked: list[str]) -> Callable[[str], tuple[torch.Tensor, torch.Tensor]] | None:
+    """safelora: module -> (its output A in fp64, the aligned B) recomputed from the aligned and fine-tuned adapters."""
+    from nlsr_fast.io import LoraAdapter
+    from nlsr_fast.methods.safelora import lora_projection
+
+    if ft is None or "aligned" not in paths:
+        checked.append("projected modules NOT checked: pass --aligned and --finetuned")
+        return None
+    aligned = LoraAdapter.load(paths["aligned"])
+
+    def project(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        a_a, b_a = aligned.factors(name)
+        new_a, _ = lora_projection(name, (a_a.float(), b_a.float()), aligned.scale(name), ft.factors(name),
+                                   ft.scale(name))
+        return new_a, b_a.float()
+
+    return project
 
 
 def _check_lora_extras(out_ad: Any, ft: Any, names: list[str], report: dict[str, Any], paths: Mapping[str, Path],
@@ -498,7 +573,22 @@ def _check_dense(out: Path, report: dict[str, Any], records: list[dict[str, Any]
         ft_keys = base_ck.keys() if adapter_ft and base_ck is not None else CheckpointReader(folder).keys()
     reference: Callable[[str], torch.Tensor] | None = None
     recomputed = False
-    if "reference" in paths:
+    repair = _repair(report)
+    if repair == "prune":
+        def reference(key: str) -> torch.Tensor:
+            return torch.zeros(out_ck.shape(key))
+    elif repair == "project":
+        al_model = model("aligned")
+        if ft is None or al_model is None or base_ck is None:
+            checked.append("projected modules NOT checked: pass --base, --aligned and --finetuned")
+        else:
+            from nlsr_fast.methods.safelora import dense_projection
+
+            recomputed, ft_model, base_reader = True, ft, base_ck
+
+            def reference(key: str) -> torch.Tensor:
+                return dense_projection(key, al_model(key), base_reader.get(key), ft_model(key))[0]
+    elif "reference" in paths:
         ref_model = model("reference")
         if ref_model is not None:
             def reference(key: str) -> torch.Tensor:
@@ -544,4 +634,4 @@ def _check_dense(out: Path, report: dict[str, Any], records: list[dict[str, Any]
         if len(problems) == n_before:
             checked.append("unrestored weights equal the fine-tuned input bit for bit")
     if reference is not None and len(problems) == n_before:
-        checked.append("restored entries equal the reference")
+        _say_repair_checked(repair, "restored entries equal the reference", repair == "project", checked)

@@ -14,7 +14,7 @@ from nlsr_fast.methods import METHODS, Method, Needs
 
 
 def test_every_consumer_lists_the_registrys_methods() -> None:
-    assert list(METHODS) == ["low_rank", "wanda", "snip", "pref_snip", "random", "magnitude"]
+    assert list(METHODS) == ["low_rank", "wanda", "snip", "pref_snip", "random", "magnitude", "safelora", "antidote"]
     assert CONFIG_METHODS == tuple(METHODS)
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     method_flag = next(a for a in sub.choices["realign"]._actions if a.dest == "method")  # type: ignore[attr-defined]
@@ -30,7 +30,8 @@ def test_declaration_is_consistent(name: str) -> None:
     assert set(m.modes) | set(m.refused) == {"lora", "dense"} and not set(m.modes) & set(m.refused)
     assert (m.lora_masks is not None) == ("lora" in m.modes)  # LoRA mode masks every module through it
     assert (m.col_scale is not None) == (m.needs is Needs.STATISTICS and "dense" in m.modes)
-    assert (m.draw is not None) == (not m.needs_calibration and "lora" in m.modes)
+    assert (m.draw is not None) == (not m.needs_calibration and "lora" in m.modes and m.repair == "restore")
+    assert m.selections[0] in m.selections and (m.share == "prune_ratio") == ("prune_ratio" in m.defaults)
     assert m.splits_samples == (m.needs is Needs.STATISTICS)
     assert m.gradients == (m.loss is not None)
     assert m.record()["name"] == name and m.record()["needs"] == m.needs.value
@@ -62,7 +63,8 @@ def test_methods_table_has_a_row_per_method_in_order() -> None:
     rows = methods.methods_table().splitlines()[2:]
     assert [r.split("|")[1].split()[0].strip("`") for r in rows] == list(METHODS)
     assert "(default)" in rows[0] and sum("(default)" in r for r in rows) == 1
-    assert "top 1−s of each factor" in rows[0] and "| 1−s of each row |" in rows[list(METHODS).index("random")]
+    assert "top 1−s of each factor" in rows[0] and "| restores the 1−s of each row |" in rows[list(METHODS).index("random")]
+    assert "zeroes the top prune_ratio" in rows[-1] and "the 10 least similar" in rows[-2]
 
 
 def test_data_free_method_needs_no_calibration_file(tmp_path) -> None:

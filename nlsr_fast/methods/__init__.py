@@ -5,14 +5,15 @@ Adding a method: a file here that defines METHOD, its entry below, its tests (CO
 
 from __future__ import annotations
 
-from nlsr_fast.methods import low_rank, magnitude, pref_snip, random, snip, wanda
+from nlsr_fast.methods import antidote, low_rank, magnitude, pref_snip, random, safelora, snip, wanda
 from nlsr_fast.methods.base import MODES, Method, Needs
 
 __all__ = ["DEFAULT", "METHODS", "MODES", "Method", "Needs", "get", "methods_table", "names"]
 
 #: Every method, by name, in the order of the docs' Methods table.
 METHODS: dict[str, Method] = {m.name: m for m in (low_rank.METHOD, wanda.METHOD, snip.METHOD, pref_snip.METHOD,
-                                                   random.METHOD, magnitude.METHOD)}
+                                                   random.METHOD, magnitude.METHOD, safelora.METHOD,
+                                                   antidote.METHOD)}
 #: The method of a run that names none (the paper's).
 DEFAULT = "low_rank"
 
@@ -36,10 +37,14 @@ def get(name: str, mode: str | None = None) -> Method:
 def methods_table() -> str:
     """The Markdown table of the methods (the README's Methods section shows this table; a test compares them)."""
     mode_names = {"lora": "LoRA", "dense": "dense"}
-    lines = ["| method | modes | needs | score of an entry | mask keeps |", "|---|---|---|---|---|"]
+    lines = ["| method | modes | needs | score | repair |", "|---|---|---|---|---|"]
     for m in METHODS.values():
         share = "1−s" if m.draw is not None else "top 1−s"
-        keeps = f"{share} of each factor" if m.group == "matrix" else f"{share} of each row"
+        keeps = f"restores the {share} of each {'factor' if m.group == 'matrix' else 'row'}"
+        if m.repair == "prune":
+            keeps = "zeroes the top prune_ratio of each row, in every module"
+        elif m.repair == "project":
+            keeps = f"W_a + C ΔW in the chosen modules (default: the {m.defaults['count']} least similar)"
         name = f"`{m.name}`" + (" (default)" if m.name == DEFAULT else "")
         lines.append(f"| {name} | {', '.join(mode_names[x] for x in m.modes)} | {m.needs.value} | "
                      f"{m.summary.replace('|', chr(92) + '|')} | {keeps} |")

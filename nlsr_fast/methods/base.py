@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-__all__ = ["LoraMasks", "Method", "Needs", "MODES"]
+__all__ = ["LoraMasks", "Method", "Needs", "MODES", "REPAIRS"]
 
 #: The two modes of a run (docs/algorithm.md §1).
 MODES = ("lora", "dense")
+#: What a method does to the modules it chooses (Method.repair).
+REPAIRS = ("restore", "prune", "project")
 
 
 class Needs(str, Enum):
@@ -44,7 +46,15 @@ class Method:
         refused: {mode: why} for each mode it does not run in (error messages, docs).
         needs: the calibration it needs.
         group: what one mask ranks: "row" (the top 1-s of each row) or "matrix" (of each whole factor).
-        repair: what it does to the modules it chooses: "restore" (masked entries take the reference's values).
+        repair: what it does to the modules it chooses: "restore" (masked entries take the reference's values),
+            "prune" (masked entries become zero) or "project" (the module's fine-tuning change is replaced by its
+            projection on the aligned change; its masks mark every entry).
+        calibrate_on: the model whose forward pass calibration runs: "reference" (NLSR's scores) or "finetuned"
+            (Antidote scores the fine-tuned model's own weights).
+        selections: the module selections it allows (config.SELECTIONS); the first is its default.
+        defaults: {config option: value} the method gives an option left unset (its paper's defaults).
+        share: the config option that sets a mask's share: "sparsity" (a mask keeps the top 1 - s) or
+            "prune_ratio" (a mask marks the top prune_ratio share, the entries pruned).
         sequential: whether --sequential recomputes each layer with its masked or projected factors.
         loss: the loss whose gradients score entries ("nll", "dpo"), for gradient methods.
         draw: for a method whose mask is a seeded draw, not a ranking of scores: draw(x, sparsity=, seed=, key=,
@@ -64,6 +74,10 @@ class Method:
     needs: Needs
     group: str = "row"
     repair: str = "restore"
+    calibrate_on: str = "reference"
+    selections: tuple[str, ...] = ("adaptive", "threshold", "fraction", "count", "all")
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    share: str = "sparsity"
     sequential: bool = False
     loss: str | None = None
     draw: Callable[..., Any] | None = None
@@ -79,11 +93,24 @@ class Method:
             raise ValueError(f"method {self.name}: give a reason for each mode it does not support")
         if (self.loss is not None) != (self.needs in (Needs.GRADIENTS, Needs.PAIRS)):
             raise ValueError(f"method {self.name}: a loss goes with gradient calibration and only with it")
+        if self.repair not in REPAIRS or self.calibrate_on not in ("reference", "finetuned"):
+            raise ValueError(f"method {self.name}: repair must be one of {REPAIRS} and calibrate_on 'reference' or "
+                             f"'finetuned', got {self.repair!r}, {self.calibrate_on!r}")
+        if self.share not in ("sparsity", "prune_ratio") or not self.selections:
+            raise ValueError(f"method {self.name}: share must be 'sparsity' or 'prune_ratio', with a selection")
 
     def record(self) -> dict[str, Any]:
         """What report.json says of the method."""
         return {"name": self.name, "title": self.title, "reference": self.reference, "needs": self.needs.value,
-                "group": self.group, "repair": self.repair}
+                "group": self.group, "repair": self.repair, "calibrate_on": self.calibrate_on, "share": self.share}
+
+    def mask_sparsity(self, sparsity: float, prune_ratio: float | None) -> float:
+        """The s of the mask functions (a mask keeps the top 1 - s): the run's sparsity, or 1 - prune_ratio for a
+        method whose mask marks the pruned share."""
+        if self.share == "prune_ratio":
+            assert prune_ratio is not None, f"method {self.name} needs prune_ratio"
+            return 1.0 - float(prune_ratio)
+        return float(sparsity)
 
     @property
     def needs_calibration(self) -> bool:

@@ -63,6 +63,7 @@ def select(
     preset: Preset | str = "paper",
     tau: float | None = None,
     fraction: float | None = None,
+    count: int | None = None,
 ) -> Selection:
     """Choose the modules to restore.
 
@@ -78,6 +79,8 @@ def select(
         preset: Preset or name; its adaptive_direction decides which end is restored more often.
         tau: threshold of "threshold".
         fraction: share of "fraction".
+        count: "count" restores the `count` least similar modules (ties as for "fraction"); "all" restores every
+            module.
     Returns:
         Selection(probabilities, draws, restored), lists in model order.
     """
@@ -102,12 +105,17 @@ def select(
         restored = [s < tau for s in sims]
         log.info("select: threshold S < %g restores %d of %d modules", tau, sum(restored), n)
         return Selection(None, None, restored)
-    if selection == "fraction":
-        if fraction is None or not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"selection='fraction' needs fraction in [0, 1], got {fraction!r}")
-        count = ceil_snapped(fraction * n)  # the count rule's snap (ops._counts): 0.2 * 160 restores 32, not 33
+    if selection in ("fraction", "count"):
+        if selection == "fraction":
+            if fraction is None or not 0.0 <= fraction <= 1.0:
+                raise ValueError(f"selection='fraction' needs fraction in [0, 1], got {fraction!r}")
+            count = ceil_snapped(fraction * n)  # the count rule's snap (ops._counts): 0.2 * 160 restores 32, not 33
+        elif count is None or count < 0:
+            raise ValueError(f"selection='count' needs count >= 0, got {count!r}")
         pos = rank_positions(sims)
         restored = [p >= n - count for p in pos]
-        log.info("select: fraction %g restores the %d least similar of %d modules", fraction, count, n)
+        log.info("select: %s restores the %d least similar of %d modules", selection, min(count, n), n)
         return Selection(None, None, restored)
+    if selection == "all":
+        return Selection(None, None, [True] * n)
     raise ValueError(f"selection must be one of {list(SELECTIONS)}, got {selection!r}")

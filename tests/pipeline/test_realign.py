@@ -144,7 +144,8 @@ def test_report_contents(world: World, default_run) -> None:
     assert rep.config == nlsr_fast.RealignConfig(nsamples=16).to_dict()
     assert rep.preset["name"] == "paper"
     assert rep.method == {"name": "low_rank", "title": "NLSR low-rank", "reference": "https://arxiv.org/abs/2412.12497",
-                          "needs": "calibration", "group": "matrix", "repair": "restore"}
+                          "needs": "calibration", "group": "matrix", "repair": "restore", "calibrate_on": "reference",
+                          "share": "sparsity"}
     assert nlsr_fast.Report.from_json(out / "report.json").method == rep.method
     assert set(rep.timings) >= {"calibrate", "pass1", "select", "pass2", "total"}
     assert rep.bytes_read > 0 and rep.bytes_written > 0

@@ -1,0 +1,104 @@
+"""safelora: project each module's fine-tuning change on the aligned change's column space (Hsu et al. 2024).
+
+Per module, V = W_aligned - W_base and dW = W_finetuned - W_aligned; C = V V^T / ||V||_F. The modules whose
+cos(C dW, dW) is lowest (the `count` least similar, 10 by default, or those under a threshold) get W_aligned + C dW;
+the others keep the fine-tuned weights (docs/algorithm.md §11). C is never formed at d_out x d_out beyond
+min(d_out, d_in)^2: in LoRA mode everything goes through r x r products of the factors, and in dense mode the product
+is taken in the order whose intermediate is the smaller square.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nlsr_fast.methods.base import Method, Needs
+
+#: Dense mode with a full-rank V: above this many multiply-adds x2 (FLOPs) in all on a CPU, the run is refused
+#: (docs/algorithm.md §11: about 15-30 minutes at the 100-200 GFLOP/s fp32 of a few CPU cores).
+CPU_FLOP_LIMIT = 2e14
+
+
+def dense_flops(d_out: int, d_in: int) -> int:
+    """FLOPs of C dW for one d_out x d_in module: two GEMMs through the min(d_out, d_in)^2 intermediate."""
+    return 4 * d_out * d_in * min(d_out, d_in)
+
+
+def no_delta(name: str) -> ValueError:
+    return ValueError(f"module {name}: the aligned model equals the base there (V = 0), so safelora has no aligned "
+                      "change to project on; leave the module out (--targets, dense mode) or use an aligned model that "
+                      "changes it")
+
+
+def _cosine(inner: Any, norm2_a: Any, norm2_b: Any) -> float:
+    """cos from an inner product and two squared norms (fp64); 1.0 when the fine-tuning change is zero."""
+    if float(norm2_b) == 0.0:
+        return 1.0
+    if float(norm2_a) == 0.0:
+        return 0.0
+    return float(inner / (norm2_a.sqrt() * norm2_b.sqrt()))
+
+
+def lora_projection(name: str, aligned: tuple[Any, Any], s_a: float, finetuned: tuple[Any, Any],
+                    s_t: float) -> tuple[Any, float]:
+    """(the output's A factor, cos(C dW, dW)) of a LoRA module, in fp64 through r x r products.
+
+    V = s_a B_a A_a and dW = s_t B_t A_t - s_a B_a A_a. With K = B_a^T dW and G = A_a A_a^T, C dW = B_a P for
+    P = s_a^2 G K / ||V||_F, so W_aligned + C dW = W_0 + B_a (s_a A_a + P): the output keeps B_a and its A is
+    (s_a A_a + P) / s_t under the fine-tuned adapter's scale.
+    """
+    import torch
+
+    a_a, b_a = (t.to(torch.float64) for t in aligned)
+    a_t, b_t = (t.to(device=a_a.device, dtype=torch.float64) for t in finetuned)
+    gram_a, gram_b = a_a @ a_a.T, b_a.T @ b_a
+    k = s_t * (b_a.T @ b_t) @ a_t - s_a * gram_b @ a_a
+    norm_v = (s_a * s_a * (gram_b * gram_a).sum()).clamp_min(0).sqrt()
+    if float(norm_v) == 0.0:
+        raise no_delta(name)
+    p = (s_a * s_a) * (gram_a @ k) / norm_v
+    stacked_b = torch.cat([s_t * b_t, -s_a * b_a], dim=1)
+    stacked_a = torch.cat([a_t, a_a], dim=0)
+    norm2_dw = ((stacked_b.T @ stacked_b) * (stacked_a @ stacked_a.T)).sum()
+    cos = _cosine((p * k).sum(), ((gram_b @ p) * p).sum(), norm2_dw)
+    return (s_a * a_a + p) / s_t, cos
+
+
+def dense_projection(name: str, w_a: Any, w_0: Any, w_t: Any) -> tuple[Any, float]:
+    """(W_aligned + C dW in fp32, cos(C dW, dW)) of a dense module (fp32 GEMMs, fp64 sums)."""
+    import torch
+
+    v = w_a.float() - w_0.float()
+    dw = w_t.float() - w_a.float()
+    norm_v = torch.linalg.vector_norm(v, dtype=torch.float64)
+    if float(norm_v) == 0.0:
+        raise no_delta(name)
+    d_out, d_in = v.shape
+    if d_out <= d_in:
+        projected = (v @ v.T) @ dw  # the d_out x d_out C is the smaller square
+    else:
+        projected = v @ (v.T @ dw)  # d_in x d_in
+    projected.div_(float(norm_v))
+    cos = _cosine((projected.double() * dw.double()).sum(), projected.double().square().sum(),
+                  dw.double().square().sum())
+    return projected.add_(w_a.float()), cos
+
+
+def lora_masks(a: Any, b: Any, _: Any, **__: Any) -> tuple[Any, Any]:
+    """Every entry: a projected module's factors are replaced whole."""
+    from nlsr_fast.ops import PackedMask
+
+    return PackedMask.ones(tuple(a.shape), a.device), PackedMask.ones(tuple(b.shape), b.device)
+
+
+METHOD = Method(
+    name="safelora",
+    title="SafeLoRA",
+    reference="https://arxiv.org/abs/2405.16833",
+    summary="of a module: cos(C ΔW, ΔW), C the projection on the aligned change V = W_a − W_0",
+    modes=("lora", "dense"),
+    needs=Needs.NONE,
+    repair="project",
+    selections=("count", "threshold", "fraction", "all"),
+    defaults={"count": 10},  # the released code's num_proj_layers
+    lora_masks=lora_masks,
+)
