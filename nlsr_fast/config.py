@@ -241,7 +241,8 @@ class RealignConfig:
         if self.selection == "count":
             _check_int("count", self.count, 0)
         elif self.count is not None:
-            raise ValueError(f"count={self.count!r} is only used with selection='count', got selection={self.selection!r}")
+            raise ValueError(f"count={self.count!r} is only used with selection='count', got "
+                             f"selection={self.selection!r}")
         # torch.Generator.manual_seed takes [-2**63, 2**64 - 1]; seeds here are non-negative.
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= SEED_MAX:
             raise ValueError(f"seed must be an integer in [0, {SEED_MAX}], got {self.seed!r}")

@@ -290,9 +290,9 @@ class DenseSpace:
 
 
 class ReferenceReader:
-    """The reference model (or, with `finetuned`, the fine-tuned one) seen as a checkpoint reader, for the
-    calibration engine: W_e (in the base's dtype) for the targets, the base's tensors elsewhere. Only the reader protocol the engine uses (config, keys, dtype,
-    get, get_many)."""
+    """The reference model seen as a checkpoint reader, for the calibration engine: W_e (in the base's dtype) for
+    the targets, the base's tensors elsewhere; with `finetuned`, every tensor of the fine-tuned model instead. Only
+    the reader protocol the engine uses (config, keys, dtype, get, get_many)."""
 
     def __init__(self, space: DenseSpace, finetuned: bool = False) -> None:
         self.space, self.base = space, space.base

@@ -136,8 +136,9 @@ def open_inputs(config: RealignConfig, base_p: Path, aligned_p: Path, ft_p: Path
 
 def _check_projection(config: RealignConfig, inputs: Inputs) -> None:
     """safelora, before any long computation: no --reference (it projects on the aligned model's own change); in
-    LoRA mode every module's aligned change V is non-zero (the factors are small: read them all); in dense mode, the
-    GEMMs of a full-rank V fit the CPU budget (from the shapes alone)."""
+    LoRA mode every module's aligned change V is non-zero (the factors are small: read them all); in dense mode, an
+    aligned adapter adapts every target, and the GEMMs of a full-rank V fit the CPU budget (from the shapes alone).
+    A full aligned checkpoint equal to the base in a module is found when pass 1 reads it."""
     from nlsr_fast.methods import safelora
 
     if inputs.reference is not None:
@@ -155,6 +156,11 @@ def _check_projection(config: RealignConfig, inputs: Inputs) -> None:
             if float(((b.T @ b) * (a @ a.T)).sum()) <= 0.0:
                 raise safelora.no_delta(name)
         return
+    adapter = inputs.aligned.adapter  # dense mode from an aligned adapter: a module it does not adapt has V = 0
+    if adapter is not None:
+        missing = [name for name in inputs.modules if name not in adapter]
+        if missing:
+            raise safelora.no_delta(missing[0])
     if resolve_device(config.device).type != "cpu":
         return
     shapes = [inputs.finetuned.shape(f"{name}.weight") for name in inputs.modules]

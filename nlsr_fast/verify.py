@@ -141,7 +141,7 @@ def _repair(report: dict[str, Any]) -> str:
     """What the run's method does to a chosen module (Method.repair): restore, prune or project."""
     from nlsr_fast import methods
 
-    spec = methods.METHODS.get(_section(report, "config").get("method"))
+    spec = methods.METHODS.get(str(_section(report, "config").get("method")))
     return spec.repair if spec is not None else "restore"
 
 
@@ -253,7 +253,7 @@ def _check_count_selection(records: list[dict[str, Any]], count: Any, problems: 
     chosen = [r for r in records if r.get("restored") is True]
     if isinstance(count, int) and len(chosen) != min(count, len(records)):
         problems.append(f"selection 'count' {count}: {len(chosen)} of {len(records)} modules repaired")
-    sims = {r["name"]: r.get("similarity") for r in records if isinstance(r.get("similarity"), (int, float))}
+    sims = {r["name"]: float(r["similarity"]) for r in records if isinstance(r.get("similarity"), (int, float))}
     top = max((sims[r["name"]] for r in chosen if r["name"] in sims), default=None)
     low = min((sims[r["name"]] for r in records if r.get("restored") is False and r["name"] in sims), default=None)
     if top is not None and low is not None and top > low:
@@ -584,10 +584,10 @@ def _check_dense(out: Path, report: dict[str, Any], records: list[dict[str, Any]
         else:
             from nlsr_fast.methods.safelora import dense_projection
 
-            recomputed, ft_model, base_reader = True, ft, base_ck
+            recomputed, ft_model, al_reader, base_reader = True, ft, al_model, base_ck
 
             def reference(key: str) -> torch.Tensor:
-                return dense_projection(key, al_model(key), base_reader.get(key), ft_model(key))[0]
+                return dense_projection(key, al_reader(key), base_reader.get(key), ft_model(key))[0]
     elif "reference" in paths:
         ref_model = model("reference")
         if ref_model is not None:

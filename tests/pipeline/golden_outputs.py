@@ -30,8 +30,10 @@ RUNS: tuple[tuple[str, str, str, str, dict[str, Any]], ...] = (
     *((f"dense/{m}/paper", "dense", m, "paper", {}) for m in ("magnitude", "random", "wanda", "snip")),
     ("dense/snip/official", "dense", "snip", "official", {}),
     ("dense/magnitude/paper/weight", "dense", "magnitude", "paper", {"score_on": "weight", "sparsity": 0.5}),
+    # recorded when the methods below were added: later changes keep their bits too
+    *((f"{mode}/{m}/paper", mode, m, "paper", {}) for mode in ("lora", "dense") for m in ("safelora", "antidote")),
 )
-DATA_FREE = ("random", "magnitude")
+DATA_FREE = ("random", "magnitude", "safelora")
 #: Packages whose arithmetic decides the bits (model init, forwards, safetensors layout); other versions: no verdict.
 VERSIONED = ("torch", "transformers", "peft", "safetensors")
 VERSIONS_KEY = "_versions"
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.record:
         args.record.write_text(json.dumps(got | {VERSIONS_KEY: versions}, indent=1, sort_keys=True) + "\n")
         return 0
-    bad = [f"{name}: {key} {want[name].get(key)} -> {got.get(name, {}).get(key)}"
+    bad = [f"{name}: {key} {want.get(name, {}).get(key)} -> {got.get(name, {}).get(key)}"
            for name in sorted(set(want) | set(got)) for key in sorted(set(want.get(name, {})) | set(got.get(name, {})))
            if want.get(name, {}).get(key) != got.get(name, {}).get(key)]
     print("\n".join(bad) if bad else f"{len(got)} runs: every output bit for bit as recorded")

@@ -62,7 +62,7 @@ def _same(one: Path, two: Path) -> None:
 
 
 @pytest.mark.parametrize("method, preset", [("random", "paper"), ("low_rank", "paper"), ("wanda", "official"),
-                                            ("snip", "official")])
+                                            ("snip", "official"), ("safelora", "paper"), ("antidote", "paper")])
 def test_torchrun_lora_equals_one_process(world: World, tmp_path: Path, method: str, preset: str) -> None:
     common = dict(method=method, preset=preset, calibration=world.calibration, nsamples=16)
     nlsr_fast.realign(world.base, world.aligned, world.finetuned, tmp_path / "one", quiet=True, **common)
@@ -71,7 +71,7 @@ def test_torchrun_lora_equals_one_process(world: World, tmp_path: Path, method: 
     _same(tmp_path / "one", tmp_path / "two")
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "snip"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "snip", "safelora", "antidote"])
 def test_torchrun_dense_equals_one_process(dw: DenseWorld, tmp_path: Path, method: str) -> None:  # noqa: F811
     nlsr_fast.realign(dw.base, dw.aligned, dw.finetuned, tmp_path / "one", method=method, calibration=dw.calibration,
                       nsamples=8, quiet=True, max_shard_bytes=20_000)

@@ -103,6 +103,24 @@ def test_dense_run_killed_in_pass2_resumes(dw: DenseWorld, tmp_path: Path) -> No
     _same_results(tmp_path / "whole", out)
 
 
+@pytest.mark.parametrize("method", ["safelora", "antidote"])
+def test_other_defences_killed_in_pass2_resume(world: World, dw: DenseWorld, tmp_path: Path,  # noqa: F811
+                                               method: str) -> None:
+    # safelora recomputes its chosen dense modules in pass 2 (nothing stashed); antidote writes zeros there
+    options = {"method": method, "count": 8} if method == "safelora" else {
+        "method": method, "calibration": str(dw.calibration), "nsamples": 8}
+    for mode, paths, target in (("dense", [dw.base, dw.aligned, dw.finetuned], "dense_pass2"),
+                                ("lora", [world.base, world.aligned, world.finetuned], "pass2")):
+        if method == "antidote" and mode == "lora":
+            options["calibration"] = str(world.calibration)
+        whole, out = tmp_path / f"{mode}_whole", tmp_path / f"{mode}_out"
+        nlsr_fast.realign(*paths, whole, quiet=True, **options)
+        _killed_run(target, 4, [*paths, out], options)
+        resumed = nlsr_fast.realign(*paths, out, quiet=True, **options)
+        assert resumed.counts["resumed_pass2"] == 4, mode
+        _same_results(whole, out)
+
+
 def test_partial_of_another_run_is_refused_not_resumed(world: World, tmp_path: Path) -> None:
     paths = [world.base, world.aligned, world.finetuned]
     out = tmp_path / "out"
