@@ -30,6 +30,7 @@ def realign(
     *,
     calibration: PathLike | None = None,
     reference: PathLike | None = None,
+    unaligned: PathLike | None = None,
     dry_run: bool = False,
     quiet: bool = False,
     overwrite: bool = False,
@@ -37,7 +38,7 @@ def realign(
     wait: bool = False,
     **options: Any,
 ) -> Report:
-    """Realign a fine-tuned model with NLSR and write the result to `out`.
+    """Realign a fine-tuned model (NLSR, or another defence: `method`) and write the result to `out`.
 
     Args:
         base: the base checkpoint folder F_s (sharded safetensors + config + tokenizer).
@@ -48,6 +49,8 @@ def realign(
         calibration: JSONL of {"prompt", "response"} (pairs {"prompt", "chosen", "rejected"} for pref_snip);
             required by low_rank, wanda, snip and pref_snip.
         reference: a ready reference (adapter in LoRA mode, checkpoint in dense mode); amplification is skipped.
+        unaligned: resta: the unaligned model whose difference from `aligned` is the safety vector (an adapter on
+            `base` or a checkpoint); default the base.
         dry_run: validate every input as a real run would, log and return the plan; nothing is written.
         quiet: no progress bars.
         overwrite: replace an existing `out` (only a folder nlsr_fast wrote, unless `force`).
@@ -59,8 +62,8 @@ def realign(
         The Report (also written as out/report.json unless dry_run).
     """
     return realign_with_config(RealignConfig.from_dict(options), base, aligned, finetuned, out,
-                               calibration=calibration, reference=reference, dry_run=dry_run, quiet=quiet,
-                               overwrite=overwrite, force=force, wait=wait)
+                               calibration=calibration, reference=reference, unaligned=unaligned, dry_run=dry_run,
+                               quiet=quiet, overwrite=overwrite, force=force, wait=wait)
 
 
 def realign_with_config(
@@ -72,6 +75,7 @@ def realign_with_config(
     *,
     calibration: PathLike | None = None,
     reference: PathLike | None = None,
+    unaligned: PathLike | None = None,
     dry_run: bool = False,
     quiet: bool = False,
     overwrite: bool = False,
@@ -82,4 +86,5 @@ def realign_with_config(
     from nlsr_fast.realignment import Realignment
 
     return Realignment(config, base, aligned, finetuned, out, calibration=calibration, reference=reference,
-                       dry_run=dry_run, quiet=quiet, overwrite=overwrite, force=force, wait=wait).run()
+                       unaligned=unaligned, dry_run=dry_run, quiet=quiet, overwrite=overwrite, force=force,
+                       wait=wait).run()

@@ -32,7 +32,7 @@ __all__ = ["build_parser", "load_yaml_options", "main"]
 log = logging.getLogger("nlsr_fast.cli")
 
 #: Keys a --config YAML file may set besides the RealignConfig fields: input paths, then run switches.
-_PATH_KEYS = ("calibration", "reference")
+_PATH_KEYS = ("calibration", "reference", "unaligned")
 _SWITCH_KEYS = ("dry_run", "quiet", "overwrite", "wait", "force")
 _EXTRA_KEYS = _PATH_KEYS + _SWITCH_KEYS
 # Exceptions that mean "bad input": exit 2 with one line.
@@ -58,6 +58,8 @@ def _add_realign(sub: Any) -> None:
     p.add_argument("--calibration", metavar="JSONL", help="calibration samples (pairs for pref_snip)")
     p.add_argument("--reference", metavar="DIR|ID", help="ready reference (adapter, or checkpoint in dense mode); "
                    "skips amplification")
+    p.add_argument("--unaligned", metavar="DIR|ID", help="resta: the unaligned model (adapter on BASE or checkpoint) "
+                   "whose difference from ALIGNED is the safety vector (default: BASE)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="paper (default) or official (the released code)")
     p.add_argument("--method", choices=methods.names(), metavar="METHOD",
                    help=f"the method (default {methods.DEFAULT}): "
@@ -74,6 +76,9 @@ def _add_realign(sub: Any) -> None:
     p.add_argument("--count", type=int, help="count selection: repair the COUNT least similar modules (safelora's "
                    "default: 10)")
     p.add_argument("--prune-ratio", type=float, help="antidote: the share of each row pruned, zeroed (default 0.1)")
+    p.add_argument("--beta", type=float, help="resta: the weight of the safety vector (default 0.5)")
+    p.add_argument("--dare-rate", type=float, help="resta: DARE's drop rate on the fine-tuning change (default: no "
+                   "DARE)")
     p.add_argument("--seed", type=int, help="seed (default 42)")
     p.add_argument("--nsamples", type=int, help="calibration samples (default 2000)")
     p.add_argument("--max-response-tokens", type=int, help="response tokens kept per sample (default 256)")
@@ -121,6 +126,7 @@ def _add_verify(sub: Any) -> None:
     p.add_argument("--aligned", metavar="DIR|ID", help="the aligned input (recompute the reference from it)")
     p.add_argument("--finetuned", metavar="DIR|ID", help="the fine-tuned input (unrestored weights must equal it)")
     p.add_argument("--reference", metavar="DIR|ID", help="the reference the run used, if it was given one")
+    p.add_argument("--unaligned", metavar="DIR|ID", help="the unaligned model a resta run was given, if any")
     p.add_argument("-v", "--verbose", action="store_true", help="info logs and tracebacks on errors")
 
 
@@ -143,7 +149,7 @@ def _verify(args: argparse.Namespace) -> int:
 
     found = {role: resolve(spec, f"--{role}").path if spec is not None else None
              for role, spec in (("base", args.base), ("aligned", args.aligned), ("finetuned", args.finetuned),
-                                ("reference", args.reference))}  # folders, or Hub ids in the local cache
+                                ("reference", args.reference), ("unaligned", args.unaligned))}  # folders, or Hub ids
     problems, checked = verify_summary(args.out, **found)
     if problems:
         for problem in problems:

@@ -163,6 +163,8 @@ class RealignConfig:
         fraction: q in [0, 1], required by "fraction".
         count: the number of least similar modules "count" chooses (safelora's default: 10).
         prune_ratio: antidote: the share of each row pruned (zeroed), in [0, 1] (default 0.1).
+        beta: resta: the weight of the safety vector (aligned - unaligned), in [0, 10] (default 0.5).
+        dare_rate: resta: DARE's drop rate p in [0, 1) on the fine-tuning change; None: no DARE.
         seed: seed of the Bernoulli draw, the calibration sampling and the `random` masks.
         nsamples: calibration samples used (>= 1).
         max_response_tokens: response tokens kept per sample (>= 1).
@@ -193,6 +195,8 @@ class RealignConfig:
     fraction: float | None = None
     count: int | None = None
     prune_ratio: float | None = None
+    beta: float | None = None
+    dare_rate: float | None = None
     seed: int = 42
     nsamples: int = 2000
     max_response_tokens: int = 256
@@ -286,14 +290,17 @@ class RealignConfig:
                              f"selection={self.selection!r}")
         if self.selection == "count" and self.count is None and "count" in spec.defaults:
             object.__setattr__(self, "count", spec.defaults["count"])
-        if spec.share == "prune_ratio":
-            if self.prune_ratio is None:
-                object.__setattr__(self, "prune_ratio", spec.defaults["prune_ratio"])
-            _check_range("prune_ratio", self.prune_ratio, 0.0, 1.0)
-        elif self.prune_ratio is not None:
-            users = [n for n, m in methods.METHODS.items() if m.share == "prune_ratio"]
-            raise ValueError(f"prune_ratio={self.prune_ratio!r} applies to {users}, not to method {self.method!r} "
-                             "(its masks keep the top 1 - sparsity)")
+        for option, lo, hi in (("prune_ratio", 0.0, 1.0), ("beta", 0.0, 10.0), ("dare_rate", 0.0, 0.999)):
+            value = getattr(self, option)
+            users = [n for n, m in methods.METHODS.items() if option in m.options]
+            if self.method not in users:
+                if value is not None:
+                    raise ValueError(f"{option}={value!r} applies to {users}, not to method {self.method!r}")
+                continue
+            if value is None and option in spec.defaults:
+                object.__setattr__(self, option, value := spec.defaults[option])
+            if value is not None:
+                _check_range(option, value, lo, hi)
 
     @property
     def mask_sparsity(self) -> float:

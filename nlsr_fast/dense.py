@@ -147,13 +147,15 @@ class DenseSpace:
         sparsity, alpha, seed, backend, device: as in RealignConfig.
         out: the output checkpoint (None for scoring only).
         col_scale: {module: (d_in,) column factor of the score} for a statistics method (wanda: sqrt(mean x^2)).
+        unaligned, beta, dare_rate: resta's unaligned model (None: the base), safety-vector weight and DARE rate.
     """
 
     def __init__(self, base: CheckpointReader, aligned: DenseInput | None, finetuned: DenseInput,
                  reference: DenseInput | None, *, targets: list[str], method: str, score_on: str, sparsity: float,
                  alpha: float, seed: int, backend: str | None, device: torch.device, nonfinite: NonFinite,
                  out: PlannedShards | None = None, col_scale: dict[str, torch.Tensor] | None = None,
-                 rest: dict[str, tuple[str, torch.Tensor | None]] | None = None) -> None:
+                 rest: dict[str, tuple[str, torch.Tensor | None]] | None = None, unaligned: DenseInput | None = None,
+                 beta: float | None = None, dare_rate: float | None = None) -> None:
         self.base, self.aligned, self.ft, self.reference = base, aligned, finetuned, reference
         self.modules = targets
         self.method, self.score_on = method, score_on
@@ -164,6 +166,7 @@ class DenseSpace:
         self.rest = rest or {}
         self._module_set = set(targets)
         self.spec = methods.get(method, "dense")
+        self.unaligned, self.beta, self.dare_rate = unaligned, beta, dare_rate
 
     def mask_keys(self, name: str) -> tuple[str]:
         return (name,)
@@ -177,8 +180,12 @@ class DenseSpace:
         out = new_buffer(w_a.numel() * 4).view(torch.float32).reshape(w_a.shape)
         return extrapolate(w_a, w_0, self.alpha, out=out, backend=self.backend)
 
-    def load(self, name: str) -> DenseModule:
+    def load(self, name: str) -> Any:
+        """The module's fine-tuned, reference and base weights; for resta only its shape (pass 1 draws the DARE
+        mask, pass 2 reads the weights once)."""
         key = f"{name}.weight"
+        if self.spec.repair == "add":
+            return tuple(self.ft.shape(key))
         w_0 = read_base(self.base, key, self.nonfinite)
         w_t = self.ft.read(key, w_0)
         w_e = self.reference_weight(key, w_0)
@@ -200,6 +207,14 @@ class DenseSpace:
         spec = self.spec
         if spec.repair == "project":  # a projected module is replaced whole
             return {name: PackedMask.ones(tuple(loaded.w_t.shape), self.device)}
+        if spec.repair == "add":  # the entries of the fine-tuning change kept: DARE's draw, or all of them
+            d_out, d_in = self.ft.shape(f"{name}.weight")
+            if not self.dare_rate:
+                return {name: PackedMask.ones((d_out, d_in), self.device)}
+            from nlsr_fast.methods.resta import dare_keep
+
+            kept = dare_keep((d_out, d_in), self.dare_rate, self.seed, name)
+            return {name: PackedMask.from_bool(kept).to(self.device)}
         if spec.draw is not None:
             return {name: spec.draw(loaded.w_e, sparsity=self.sparsity, seed=self.seed, key=name, backend=self.backend)}
         if spec.gradients:
@@ -221,9 +236,12 @@ class DenseSpace:
             mask.bits[rows] = row_topk_mask(block, keep, col_scale=scale, backend=self.backend).bits
         return {name: mask}
 
-    def similarity(self, name: str, loaded: DenseModule, masks: dict[str, PackedMask]) -> float:
+    def similarity(self, name: str, loaded: DenseModule, masks: dict[str, PackedMask]) -> float | None:
+        """S_m of the module; None for resta, which repairs every module without ranking them."""
         from nlsr_fast.pipeline.similarity import logged_warnings
 
+        if self.spec.repair == "add":
+            return None
         if self.spec.repair == "project":  # safelora: the reference is the aligned model itself
             from nlsr_fast.methods.safelora import dense_projection
 
@@ -247,6 +265,19 @@ class DenseSpace:
             blocks.append(masked_values(cast, PackedMask(mask.bits[r:r + n], (n, mask.cols)), backend=self.backend))
         return {name: torch.cat(blocks) if blocks else loaded.w_t.new_empty(0)}
 
+    def safety_added(self, name: str, w_t: torch.Tensor, kept: PackedMask) -> torch.Tensor:
+        """resta's theta (fp32) of a module: its aligned and unaligned weights read here, once."""
+        from nlsr_fast.methods.resta import combine
+
+        key = f"{name}.weight"
+        w_0 = read_base(self.base, key, self.nonfinite)
+        assert self.aligned is not None and self.beta is not None
+        w_a = self.aligned.read(key, w_0)
+        w_u = w_0 if self.unaligned is None else self.unaligned.read(key, w_0)
+        keep = kept.to_bool().to(w_t.device) if self.dare_rate else None
+        return combine(w_t.to(self.device), w_a.to(self.device), w_u.to(self.device), beta=self.beta, keep=keep,
+                       rate=self.dare_rate or 0.0)
+
     @staticmethod
     def spec_projection(name: str, loaded: DenseModule) -> torch.Tensor:
         """safelora's W_a + C dW (fp32) of a module, from its loaded tensors (the reference is W_a)."""
@@ -265,8 +296,8 @@ class DenseSpace:
         return [mine.get(k, k) for k in self.ft.keys() if k in mine or (rest and k not in targets)]
 
     def load_output(self, item: str) -> torch.Tensor:
-        if item in self._module_set:  # its weight was checked for non-finite values in pass 1
-            return self.ft.read(f"{item}.weight", checked=False)
+        if item in self._module_set:  # its weight was checked for non-finite values in pass 1 (resta reads it here)
+            return self.ft.read(f"{item}.weight", checked=self.spec.repair == "add")
         replacement = self.rest.get(item, ("copy", None))[1]
         return replacement if replacement is not None else self.ft.read(item)
 
@@ -282,6 +313,9 @@ class DenseSpace:
         if value is None and self.spec.repair == "project":
             module = self.load(item)
             value = self.spec_projection(item, module).to(loaded.dtype).reshape(-1)
+        elif value is None and self.spec.repair == "add":
+            value = self.safety_added(item, loaded, masks[item]).to(loaded.dtype).reshape(-1)
+            masks = {item: PackedMask.ones(tuple(loaded.shape), loaded.device)}  # every entry takes theta
         elif value is None:  # prune: the masked entries become zero
             value = loaded.new_zeros(masks[item].count())
         new, changed = put_masked_values(loaded, masks[item], value, out=out, backend=self.backend)

@@ -60,8 +60,8 @@ class Space(Protocol):
     def masks(self, name: str, loaded: Any) -> dict[str, PackedMask]:
         """The masks of module `name`, keyed as in masks.safetensors."""
 
-    def similarity(self, name: str, loaded: Any, masks: dict[str, PackedMask]) -> float:
-        """S_m of module `name` (docs/algorithm.md §4)."""
+    def similarity(self, name: str, loaded: Any, masks: dict[str, PackedMask]) -> float | None:
+        """S_m of module `name` (docs/algorithm.md §4); None for a method that ranks no module (selection all)."""
 
     def restore_values(self, name: str, loaded: Any, masks: dict[str, PackedMask]) -> dict[str, torch.Tensor]:
         """{mask key: the values restoration gives the masked entries, in row-major order} (1-D tensors)."""
@@ -132,7 +132,7 @@ class FileStash:
 class Executed:
     """What the executor found, in model order."""
 
-    similarities: dict[str, float]
+    similarities: dict[str, float | None]
     densities: dict[str, dict[str, float]]
     selection: Selection
     restored: list[str]
@@ -218,7 +218,7 @@ def execute(
     names = space.modules
     stash = stash if stash is not None else MemoryStash()
     mine = [n for i, n in enumerate(names) if owned(i)]
-    sims: dict[str, float] = {}
+    sims: dict[str, float | None] = {}
     densities: dict[str, dict[str, float]] = {}
     kept: dict[str, dict[str, Any]] = {}  # module -> {mask key: stash record}
     for name in mine:
@@ -244,7 +244,7 @@ def execute(
     sims, densities = gather(sims), gather(densities)
     timings = {"pass1": time.perf_counter() - start}
     start = time.perf_counter()
-    nan = [n for n in names if sims[n] != sims[n]]
+    nan = [n for n in names if sims[n] is not None and sims[n] != sims[n]]
     if nan:
         raise ValueError(f"similarity is NaN for {len(nan)} module(s), first {nan[:3]}: their inputs hold non-finite "
                          "values (allowed by allow_nonfinite); such modules cannot be ranked")

@@ -36,13 +36,15 @@ class Inputs:
     extras: dict[str, Any] = field(default_factory=dict)
     extra_records: list[dict[str, Any]] = field(default_factory=list)
     hub: dict[str, dict[str, Any]] = field(default_factory=dict)  # role -> Hub id, revision, commit (report.json)
+    unaligned: Any = None  # resta's unaligned model (dense mode), None for the base
 
     def record(self, role: str, **fields: Any) -> dict[str, Any]:
         """`fields` of an input's report.json record, plus its Hub id, revision and commit when it was given by id."""
         return {**fields, **({"hub": self.hub[role]} if role in self.hub else {})}
 
     def files(self, role: str) -> list[Path]:
-        model = {"finetuned": self.finetuned, "aligned": self.aligned, "reference": self.reference}.get(role)
+        model = {"finetuned": self.finetuned, "aligned": self.aligned, "reference": self.reference,
+                 "unaligned": self.unaligned}.get(role)
         if role == "base":
             folder = self.base.folder
             meta = [p for p in (folder / "config.json", self.base.index_file) if p is not None and p.is_file()]
@@ -90,6 +92,8 @@ def _resolve_mode(config: RealignConfig, ft: Any, aligned: Any, reference: Any) 
     why_not = _lora_compatible(ft, reference if reference is not None else aligned)
     if config.mode == "lora" and why_not is not None:
         raise ValueError(f"mode lora: {why_not}")
+    if why_not is None and "lora" not in config.method_spec.modes:  # auto: a dense-only method merges the adapters
+        why_not = f"method {config.method!r} runs in dense mode only"
     mode = config.mode if config.mode != "auto" else ("lora" if why_not is None else "dense")
     try:
         methods.get(config.method, mode)
@@ -101,7 +105,7 @@ def _resolve_mode(config: RealignConfig, ft: Any, aligned: Any, reference: Any) 
 
 
 def open_inputs(config: RealignConfig, base_p: Path, aligned_p: Path, ft_p: Path, ref_p: Path | None,
-                 calib_p: Path | None, nonfinite: NonFinite) -> Inputs:
+                 calib_p: Path | None, nonfinite: NonFinite, unaligned_p: Path | None = None) -> Inputs:
     """Open and check every input from headers alone, before any computation (a dry run stops after this)."""
     from nlsr_fast.io import CheckpointReader, check_adapter_matches_base, check_compatible
 
@@ -111,8 +115,14 @@ def open_inputs(config: RealignConfig, base_p: Path, aligned_p: Path, ft_p: Path
     ft = _open_model("fine-tuned", ft_p, base, nonfinite)
     aligned = _open_model("aligned", aligned_p, base, nonfinite)
     reference = _open_model("reference", ref_p, base, nonfinite) if ref_p is not None else None
+    if unaligned_p is not None and "unaligned" not in config.method_spec.options:
+        users = [n for n, m in methods.METHODS.items() if "unaligned" in m.options]
+        raise ValueError(f"an unaligned model (--unaligned {unaligned_p}) applies to {users}, not to method "
+                         f"{config.method!r}")
+    unaligned = _open_model("unaligned", unaligned_p, base, nonfinite) if unaligned_p is not None else None
     mode = _resolve_mode(config, ft, aligned, reference)
-    paths = {"base": base_p, "aligned": aligned_p, "finetuned": ft_p, "reference": ref_p, "calibration": calib_p}
+    paths = {"base": base_p, "aligned": aligned_p, "finetuned": ft_p, "reference": ref_p, "unaligned": unaligned_p,
+             "calibration": calib_p}
     if mode == "lora":
         from nlsr_fast.lora import plan_extras
 
@@ -127,7 +137,7 @@ def open_inputs(config: RealignConfig, base_p: Path, aligned_p: Path, ft_p: Path
         extras, records = plan_extras(ft, aligned, base, config.extra_tensors, nonfinite)
         inputs = Inputs(mode, base, ft, aligned, reference, ft.modules, paths, extras=extras, extra_records=records)
     else:
-        inputs = _open_dense(config, base, ft, aligned, reference, paths, nonfinite)
+        inputs = _open_dense(config, base, ft, aligned, reference, paths, nonfinite, unaligned)
     if config.method_spec.repair == "project":
         _check_projection(config, inputs)
     check_calibration_file(config, calib_p)
@@ -186,12 +196,12 @@ def _check_float_factors(adapter: Any) -> None:
 
 
 def _open_dense(config: RealignConfig, base: Any, ft: Any, aligned: Any, reference: Any,
-                paths: dict[str, Path | None], nonfinite: NonFinite) -> Inputs:
+                paths: dict[str, Path | None], nonfinite: NonFinite, unaligned: Any = None) -> Inputs:
     from nlsr_fast.dense import DEFAULT_TARGETS, DenseInput, dense_targets
     from nlsr_fast.io import LoraAdapter, check_adapter_matches_base
 
     models = {}
-    for role, source in (("finetuned", ft), ("aligned", aligned), ("reference", reference)):
+    for role, source in (("finetuned", ft), ("aligned", aligned), ("reference", reference), ("unaligned", unaligned)):
         if source is None:
             continue
         if isinstance(source, LoraAdapter):
@@ -218,7 +228,8 @@ def _open_dense(config: RealignConfig, base: Any, ft: Any, aligned: Any, referen
                 if not other.dtype(key).is_floating_point:
                     raise ValueError(f"dense mode: target {key!r} in {other.folder} is {other.dtype(key)}, not a "
                                      "float weight")
-    return Inputs("dense", base, models["finetuned"], models.get("aligned"), models.get("reference"), targets, paths)
+    return Inputs("dense", base, models["finetuned"], models.get("aligned"), models.get("reference"), targets, paths,
+                  unaligned=models.get("unaligned"))
 
 
 def check_calibration_file(config: RealignConfig, calib_p: Path | None) -> None:

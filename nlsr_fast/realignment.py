@@ -71,13 +71,15 @@ class Realignment:
     OUT.partial and renames it to OUT with its report and manifest (or, for a dry run, returns the plan)."""
 
     def __init__(self, config: RealignConfig, base: PathLike, aligned: PathLike, finetuned: PathLike, out: PathLike,
-                 *, calibration: PathLike | None = None, reference: PathLike | None = None, dry_run: bool = False,
+                 *, calibration: PathLike | None = None, reference: PathLike | None = None,
+                 unaligned: PathLike | None = None, dry_run: bool = False,
                  quiet: bool = False, overwrite: bool = False, force: bool = False, wait: bool = False) -> None:
         from nlsr_fast.io.hub import resolve
 
         self.started = time.perf_counter()
         self.config = config
-        specs = {"base": base, "aligned": aligned, "finetuned": finetuned, "reference": reference}
+        specs = {"base": base, "aligned": aligned, "finetuned": finetuned, "reference": reference,
+                 "unaligned": unaligned}
         found = {role: resolve(spec, role) for role, spec in specs.items() if spec is not None}  # path, or Hub id
         #: role -> Hub id, revision and commit, for the inputs given by id (report.json)
         self.hub: dict[str, dict[str, Any]] = {role: r.record() for role, r in found.items() if r.repo_id is not None}
@@ -85,6 +87,7 @@ class Realignment:
         self.paths: dict[str, Path | None] = {
             "base": found["base"].path, "aligned": found["aligned"].path, "finetuned": found["finetuned"].path,
             "reference": found["reference"].path if "reference" in found else None,
+            "unaligned": found["unaligned"].path if "unaligned" in found else None,
             "calibration": Path(calibration) if calibration is not None else None}
         self.out = Path(out)
         self.dry_run, self.quiet, self.wait = dry_run, quiet, wait
@@ -138,7 +141,7 @@ class Realignment:
         p = self.paths
         assert p["base"] is not None and p["aligned"] is not None and p["finetuned"] is not None
         inputs = open_inputs(self.config, p["base"], p["aligned"], p["finetuned"], p["reference"], p["calibration"],
-                             nonfinite)
+                             nonfinite, unaligned_p=p["unaligned"])
         inputs.hub = self.hub
         return inputs
 
@@ -178,8 +181,8 @@ class Realignment:
         from nlsr_fast.io.stream import buffer_pool
         from nlsr_fast.pipeline.write import PLOT_FILE, REPORT_FILE, folder_bytes
 
-        roles = ["finetuned", "aligned", "reference"] + (["base"] if inputs.mode == "dense" or calib is not None
-                                                         else [])
+        base_read = inputs.mode == "dense" or calib is not None
+        roles = ["finetuned", "aligned", "reference", "unaligned"] + (["base"] if base_read else [])
         # Hashed from the run's own reads (the executor's, and calibration's of the base: the readers are streamed).
         hashed = [p for role in [*roles, "calibration"] for p in inputs.files(role)]
         in_cache = {p: d for p in hashed if (d := blob_digest(p)) is not None}  # a Hub cache's own sha256
@@ -238,7 +241,7 @@ class Realignment:
             shapes = run.mask_shapes
             layer = layer_of(name)
             records.append(ModuleRecord(
-                name=name, layer=-1 if layer is None else layer, similarity=float(executed.similarities[name]),
+                name=name, layer=-1 if layer is None else layer, similarity=executed.similarities[name],
                 probability=None if chosen.probabilities is None else chosen.probabilities[i],
                 draw=None if chosen.draws is None else chosen.draws[i], restored=name in restored,
                 density_a=dens[key_a], density_b=0.0 if key_b is None else dens[key_b],
@@ -247,7 +250,7 @@ class Realignment:
             ))
         hashed = hasher.records()
         input_records: dict[str, Any] = {}
-        for role in ("base", "aligned", "finetuned", "reference", "calibration"):
+        for role in ("base", "aligned", "finetuned", "reference", "unaligned", "calibration"):
             path = inputs.paths[role]
             if path is None:
                 continue

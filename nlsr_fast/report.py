@@ -21,13 +21,14 @@ FORMAT_VERSION = 1
 class ModuleRecord:
     """One module of the run.
 
-    probability and draw are None unless selection is adaptive; density_* is the share of true mask entries;
-    changed_* counts the entries of the output factor whose bits differ from the fine-tuned one.
+    similarity is None for a method that ranks no module (resta); probability and draw are None unless selection
+    is adaptive; density_* is the share of true mask entries; changed_* counts the entries of the output factor
+    whose bits differ from the fine-tuned one.
     """
 
     name: str
     layer: int
-    similarity: float
+    similarity: float | None
     probability: float | None
     draw: int | None
     restored: bool
@@ -124,8 +125,9 @@ class Report:
         for m in self.modules:
             p = "-" if m.probability is None else f"{m.probability:.3f}"
             z = "-" if m.draw is None else str(m.draw)
+            s = "-" if m.similarity is None else f"{m.similarity:.5f}"
             lines.append(
-                f"{_short(m.name, 44):<44} {m.layer:>5} {m.similarity:>9.5f} {p:>6} {z:>2} "
+                f"{_short(m.name, 44):<44} {m.layer:>5} {s:>9} {p:>6} {z:>2} "
                 f"{'yes' if m.restored else '':>4} {m.density_a:>6.3f} {m.density_b:>6.3f} "
                 f"{m.changed_a:>7} {m.changed_b:>7}"
             )
@@ -162,8 +164,11 @@ class Report:
         except ImportError:
             log.warning("matplotlib is not installed; %s not written (pip install 'nlsr-fast[plot]')", path)
             return False
+        if any(m.similarity is None for m in self.modules):
+            log.info("no similarity.png: method %s ranks no module", self.config.get("method"))
+            return False
         xs = list(range(len(self.modules)))
-        sims = [m.similarity for m in self.modules]
+        sims = [float(m.similarity) for m in self.modules if m.similarity is not None]
         fig, ax = plt.subplots(figsize=(max(6.0, min(24.0, 0.05 * len(xs) + 6.0)), 3.5), dpi=100)
         ax.plot(xs, sims, color="0.6", linewidth=0.8, zorder=1)
         kept = [(x, s) for x, s, m in zip(xs, sims, self.modules, strict=True) if not m.restored]
@@ -181,7 +186,8 @@ class Report:
         ax.set_xticklabels([str(layers[starts[i]]) for i in range(0, len(starts), step)])
         ax.set_xlabel("decoder layer (modules in model order)")
         ax.set_ylabel("masked cosine S")
-        ax.set_title(f"NLSR similarity per module ({self.counts.get('restored', len(rest))} restored)")
+        ax.set_title(f"similarity per module, {self.config.get('method')} ({self.counts.get('restored', len(rest))} "
+                     "restored)")
         ax.grid(alpha=0.3)
         if xs:
             ax.legend(loc="lower left", fontsize=8)

@@ -271,7 +271,8 @@ class DenseRun(_Run):
         reference = self.inputs.aligned if cfg.method_spec.repair == "project" else self.inputs.reference
         self.space = DenseSpace(self.inputs.base, self.inputs.aligned, ft, reference,
                                 targets=self.inputs.modules, method=cfg.method, score_on=cfg.score_on,
-                                sparsity=cfg.mask_sparsity, alpha=cfg.alpha, seed=cfg.seed, backend=cfg.backend,
+                                sparsity=cfg.mask_sparsity, unaligned=self.inputs.unaligned, beta=cfg.beta,
+                                dare_rate=cfg.dare_rate, alpha=cfg.alpha, seed=cfg.seed, backend=cfg.backend,
                                 device=self.device, nonfinite=self.nonfinite, out=self.out)
 
     def calibrate(self) -> Any:

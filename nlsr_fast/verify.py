@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from nlsr_fast.ops import PackedMask
+
 __all__ = ["verify", "verify_summary"]
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,8 @@ _TOL = 1e-9
 
 
 def verify(out: PathLike, *, base: PathLike | None = None, aligned: PathLike | None = None,
-           finetuned: PathLike | None = None, reference: PathLike | None = None) -> list[str]:
+           finetuned: PathLike | None = None, reference: PathLike | None = None,
+           unaligned: PathLike | None = None) -> list[str]:
     """The problems found in the realign output `out` (empty when every check passes).
 
     Args:
@@ -44,20 +47,23 @@ def verify(out: PathLike, *, base: PathLike | None = None, aligned: PathLike | N
         aligned: the aligned input: the reference is recomputed from it (alpha and preset from report.json).
         finetuned: the fine-tuned input: everything not restored must equal it bit for bit.
         reference: the ready reference the run was given, if any.
+        unaligned: the unaligned model a resta run was given, if any (else the base stands for it).
     Raises:
         ValueError: `out` or a given input does not exist (bad input, not a failed check).
     """
-    return verify_summary(out, base=base, aligned=aligned, finetuned=finetuned, reference=reference)[0]
+    return verify_summary(out, base=base, aligned=aligned, finetuned=finetuned, reference=reference,
+                          unaligned=unaligned)[0]
 
 
 def verify_summary(out: PathLike, *, base: PathLike | None = None, aligned: PathLike | None = None,
-                   finetuned: PathLike | None = None, reference: PathLike | None = None
-                   ) -> tuple[list[str], list[str]]:
+                   finetuned: PathLike | None = None, reference: PathLike | None = None,
+                   unaligned: PathLike | None = None) -> tuple[list[str], list[str]]:
     """(problems, what was checked): `verify` plus one line per check that ran, for the CLI's "OK: ..." line."""
     out_p = Path(out)
     if not out_p.is_dir():
         raise ValueError(f"output {out_p} is not a folder (or does not exist)")
-    given = {"base": base, "aligned": aligned, "finetuned": finetuned, "reference": reference}
+    given = {"base": base, "aligned": aligned, "finetuned": finetuned, "reference": reference,
+             "unaligned": unaligned}
     for role, path in given.items():
         if path is not None and not Path(path).exists():
             raise ValueError(f"--{role} {path} does not exist")
@@ -156,6 +162,8 @@ def _mask_rule(report: dict[str, Any]) -> tuple[str, str, float, int] | None:
     if name not in methods.METHODS:
         return None
     spec = methods.METHODS[name]
+    if spec.repair == "add":  # resta: every entry of the change kept, or DARE's draw (checked by _check_dense)
+        return (name, "all", 0.0, 0) if cfg.get("dare_rate") is None else None
     if spec.repair == "project":
         return name, "all", 0.0, 0
     if spec.share == "prune_ratio":
@@ -454,6 +462,37 @@ def _check_lora(out: Path, report: dict[str, Any], records: list[dict[str, Any]]
         ref_ad.close()
 
 
+def _resta_reference(report: dict[str, Any], paths: Mapping[str, Path], model: Callable[[str], Any], base_ck: Any,
+                     ft: Any, masks: Mapping[str, Any], checked: list[str],
+                     problems: list[str]) -> Callable[[str], torch.Tensor] | None:
+    """resta: weight key -> theta (fp32) recomputed from the inputs, after checking DARE's masks are its draw."""
+    from nlsr_fast.methods.resta import combine, dare_keep
+
+    cfg = _section(report, "config")
+    beta, rate, seed = cfg.get("beta"), cfg.get("dare_rate"), cfg.get("seed")
+    if rate is not None and isinstance(seed, int):
+        drawn = [n for n, m in masks.items() if not m.equal(PackedMask.from_bool(dare_keep(m.shape, rate, seed, n)))]
+        if drawn:
+            problems.append(f"mask {drawn[0]}: not DARE's draw at rate {rate}, seed {seed} ({len(drawn)} differ)")
+    al_model = model("aligned")
+    un_model = model("unaligned") if "unaligned" in paths else None
+    if "unaligned" in _section(report, "inputs") and un_model is None:
+        checked.append("resta's weights NOT checked: the run was given an unaligned model; pass --unaligned")
+        return None
+    if ft is None or al_model is None or base_ck is None or not isinstance(beta, (int, float)):
+        checked.append("resta's weights NOT checked: pass --base, --aligned and --finetuned")
+        return None
+    base_reader, ft_model, aligned_reader = base_ck, ft, al_model
+
+    def reference(key: str) -> torch.Tensor:
+        w_0 = base_reader.get(key)
+        keep = masks[key[: -len(".weight")]].to_bool() if rate is not None else None
+        return combine(ft_model(key), aligned_reader(key), un_model(key) if un_model is not None else w_0,
+                       beta=float(beta), keep=keep, rate=float(rate or 0.0))
+
+    return reference
+
+
 def _say_repair_checked(repair: str, restored_note: str | None, projected: bool, checked: list[str]) -> None:
     """What the weight check found true of the repaired modules (`restored_note`: for a restore, when checked)."""
     if repair == "prune":
@@ -461,6 +500,9 @@ def _say_repair_checked(repair: str, restored_note: str | None, projected: bool,
     elif repair == "project" and projected:
         checked.append("repaired modules equal W_a + C dW recomputed from the inputs (within one unit in the last "
                        "place)")
+    elif repair == "add" and projected:
+        checked.append("every module equals theta_ft + beta (theta_aligned - theta_unaligned) recomputed from the "
+                       "inputs (within one unit in the last place)")
     elif repair == "restore" and restored_note is not None:
         checked.append(restored_note)
 
@@ -577,6 +619,9 @@ def _check_dense(out: Path, report: dict[str, Any], records: list[dict[str, Any]
     if repair == "prune":
         def reference(key: str) -> torch.Tensor:
             return torch.zeros(out_ck.shape(key))
+    elif repair == "add":
+        reference = _resta_reference(report, paths, model, base_ck, ft, masks, checked, problems)
+        recomputed = reference is not None
     elif repair == "project":
         al_model = model("aligned")
         if ft is None or al_model is None or base_ck is None:
@@ -620,7 +665,8 @@ def _check_dense(out: Path, report: dict[str, Any], records: list[dict[str, Any]
         w_t = ft(key) if ft is not None else None
         w_e = reference(key) if reference is not None and restored else None
         changed = rec.get("changed_a") if isinstance(rec.get("changed_a"), int) else None
-        _compare(f"module {name}", w_o, w_t, w_e, masks[name], restored, changed, problems, ref_ulp=recomputed)
+        mask = masks[name] if repair != "add" else PackedMask.ones(tuple(w_o.shape))  # resta changes every entry
+        _compare(f"module {name}", w_o, w_t, w_e, mask, restored, changed, problems, ref_ulp=recomputed)
     if ft is not None and ft_keys is not None:
         if sorted(ft_keys) != sorted(out_ck.keys()):
             problems.append(f"{out}: tensor names differ from the fine-tuned input's")
@@ -634,4 +680,4 @@ def _check_dense(out: Path, report: dict[str, Any], records: list[dict[str, Any]
         if len(problems) == n_before:
             checked.append("unrestored weights equal the fine-tuned input bit for bit")
     if reference is not None and len(problems) == n_before:
-        _say_repair_checked(repair, "restored entries equal the reference", repair == "project", checked)
+        _say_repair_checked(repair, "restored entries equal the reference", recomputed, checked)

@@ -5,7 +5,7 @@ Adding a method: a file here that defines METHOD, its entry below, its tests (CO
 
 from __future__ import annotations
 
-from nlsr_fast.methods import antidote, low_rank, magnitude, pref_snip, random, safelora, snip, wanda
+from nlsr_fast.methods import antidote, low_rank, magnitude, pref_snip, random, resta, safelora, snip, wanda
 from nlsr_fast.methods.base import MODES, Method, Needs
 
 __all__ = ["DEFAULT", "METHODS", "MODES", "Method", "Needs", "get", "methods_table", "names"]
@@ -13,7 +13,7 @@ __all__ = ["DEFAULT", "METHODS", "MODES", "Method", "Needs", "get", "methods_tab
 #: Every method, by name, in the order of the docs' Methods table.
 METHODS: dict[str, Method] = {m.name: m for m in (low_rank.METHOD, wanda.METHOD, snip.METHOD, pref_snip.METHOD,
                                                    random.METHOD, magnitude.METHOD, safelora.METHOD,
-                                                   antidote.METHOD)}
+                                                   antidote.METHOD, resta.METHOD)}
 #: The method of a run that names none (the paper's).
 DEFAULT = "low_rank"
 
@@ -43,6 +43,8 @@ def methods_table() -> str:
         keeps = f"restores the {share} of each {'factor' if m.group == 'matrix' else 'row'}"
         if m.repair == "prune":
             keeps = "zeroes the top prune_ratio of each row, in every module"
+        elif m.repair == "add":
+            keeps = f"adds β (default {m.defaults['beta']}) × the safety vector to every module"
         elif m.repair == "project":
             keeps = f"W_a + C ΔW in the chosen modules (default: the {m.defaults['count']} least similar)"
         name = f"`{m.name}`" + (" (default)" if m.name == DEFAULT else "")

@@ -20,6 +20,7 @@ METHOD = Method(
     repair="prune",
     calibrate_on="finetuned",
     selections=("all",),
+    options=("prune_ratio",),
     defaults={"prune_ratio": 0.1},  # the released scripts' dense_ratio
     share="prune_ratio",
     lora_masks=wanda.lora_masks,

@@ -16,7 +16,7 @@ __all__ = ["LoraMasks", "Method", "Needs", "MODES", "REPAIRS"]
 #: The two modes of a run (docs/algorithm.md §1).
 MODES = ("lora", "dense")
 #: What a method does to the modules it chooses (Method.repair).
-REPAIRS = ("restore", "prune", "project")
+REPAIRS = ("restore", "prune", "project", "add")
 
 
 class Needs(str, Enum):
@@ -48,10 +48,12 @@ class Method:
         group: what one mask ranks: "row" (the top 1-s of each row) or "matrix" (of each whole factor).
         repair: what it does to the modules it chooses: "restore" (masked entries take the reference's values),
             "prune" (masked entries become zero) or "project" (the module's fine-tuning change is replaced by its
-            projection on the aligned change; its masks mark every entry).
+            projection on the aligned change; its masks mark every entry) or "add" (every module gets the safety
+            vector; its masks mark the entries of the fine-tuning change it keeps).
         calibrate_on: the model whose forward pass calibration runs: "reference" (NLSR's scores) or "finetuned"
             (Antidote scores the fine-tuned model's own weights).
         selections: the module selections it allows (config.SELECTIONS); the first is its default.
+        options: the config options of this method alone (prune_ratio, beta, dare_rate); refused for the others.
         defaults: {config option: value} the method gives an option left unset (its paper's defaults).
         share: the config option that sets a mask's share: "sparsity" (a mask keeps the top 1 - s) or
             "prune_ratio" (a mask marks the top prune_ratio share, the entries pruned).
@@ -76,6 +78,7 @@ class Method:
     repair: str = "restore"
     calibrate_on: str = "reference"
     selections: tuple[str, ...] = ("adaptive", "threshold", "fraction", "count", "all")
+    options: tuple[str, ...] = ()
     defaults: Mapping[str, Any] = field(default_factory=dict)
     share: str = "sparsity"
     sequential: bool = False

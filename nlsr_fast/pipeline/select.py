@@ -54,7 +54,7 @@ def adaptive_probabilities(
 
 
 def select(
-    similarities: Sequence[float],
+    similarities: Sequence[float | None],
     *,
     selection: str = "adaptive",
     prune_rate: float = 0.5,
@@ -85,7 +85,11 @@ def select(
         Selection(probabilities, draws, restored), lists in model order.
     """
     preset = resolve_preset(preset)
-    sims = [float(s) for s in similarities]
+    if selection == "all":  # every module, ranked or not (a method without a similarity has None)
+        return Selection(None, None, [True] * len(similarities))
+    if any(s is None for s in similarities):
+        raise ValueError(f"selection {selection!r} ranks modules by their similarity; this method gives none")
+    sims = [float(s) for s in similarities if s is not None]
     if any(math.isnan(s) for s in sims):
         raise ValueError(f"similarities contain NaN at module indices {[i for i, s in enumerate(sims) if s != s]}")
     n = len(sims)
@@ -116,6 +120,4 @@ def select(
         restored = [p >= n - count for p in pos]
         log.info("select: %s restores the %d least similar of %d modules", selection, min(count, n), n)
         return Selection(None, None, restored)
-    if selection == "all":
-        return Selection(None, None, [True] * n)
     raise ValueError(f"selection must be one of {list(SELECTIONS)}, got {selection!r}")

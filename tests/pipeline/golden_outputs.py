@@ -32,8 +32,9 @@ RUNS: tuple[tuple[str, str, str, str, dict[str, Any]], ...] = (
     ("dense/magnitude/paper/weight", "dense", "magnitude", "paper", {"score_on": "weight", "sparsity": 0.5}),
     # recorded when the methods below were added: later changes keep their bits too
     *((f"{mode}/{m}/paper", mode, m, "paper", {}) for mode in ("lora", "dense") for m in ("safelora", "antidote")),
+    ("dense/resta/paper/dare", "dense", "resta", "paper", {"dare_rate": 0.3}),
 )
-DATA_FREE = ("random", "magnitude", "safelora")
+DATA_FREE = ("random", "magnitude", "safelora", "resta")
 #: Packages whose arithmetic decides the bits (model init, forwards, safetensors layout); other versions: no verdict.
 VERSIONED = ("torch", "transformers", "peft", "safetensors")
 VERSIONS_KEY = "_versions"

@@ -282,3 +282,111 @@ def test_safelora_dense_zero_aligned_change_names_the_module(dw: DenseWorld, tmp
     rep = nlsr_fast.realign(dw.base, aligned, dw.finetuned, tmp_path / "q", method="safelora", targets=r"q_proj$",
                             count=1, quiet=True)
     assert rep.counts == {**rep.counts, "modules": 2, "restored": 1}
+
+
+# -- resta ------------------------------------------------------------------------------------------------------------
+
+def _check_resta(out: Path, wt: dict, wa: dict, wu: dict, *, beta: float, rate: float | None = None,
+                 rel: float = 2.0**-8) -> None:
+    """theta = W_t + beta (W_a - W_u), or W_a + M (W_t - W_a) / (1 - p) + beta (W_a - W_u) with M the kept entries
+    in masks.safetensors, in fp64, against every target of the output (one rounding to its dtype); the rest is W_t."""
+    got, masks = _read(out), load_masks(out / "masks.safetensors")
+    for key, t in wt.items():
+        name = key[: -len(".weight")]
+        if name not in masks:
+            assert torch.equal(_bits(got[key]), _bits(t)), key
+            continue
+        w_t, w_a, w_u = t.double(), wa[key].double(), wu[key].double()
+        if rate is None:
+            assert masks[name].count() == t.numel()
+            want = w_t + beta * (w_a - w_u)
+        else:
+            keep = masks[name].to_bool().double()
+            want = w_a + keep * (w_t - w_a) / (1 - rate) + beta * (w_a - w_u)
+        err = (got[key].double() - want).abs()
+        assert (err <= rel * want.abs() + 1e-6 * want.abs().max()).all(), name
+
+
+def test_resta_dense_follows_the_paper(dw: DenseWorld, tmp_path: Path) -> None:  # noqa: F811
+    rep = nlsr_fast.realign(dw.base, dw.aligned, dw.finetuned, tmp_path / "out", method="resta", quiet=True)
+    assert rep.config["beta"] == 0.5 and rep.config["selection"] == "all" and rep.counts["restored"] == 14
+    assert all(m.similarity is None for m in rep.modules) and "   -  " in rep.table()
+    w0, wa, wt = _read(dw.base), _read(dw.aligned), _read(dw.finetuned)
+    _check_resta(tmp_path / "out", wt, wa, w0, beta=0.5)
+    # with an unaligned model given (an adapter on the base, merged on the fly) and another beta
+    nlsr_fast.realign(dw.base, dw.aligned, dw.finetuned, tmp_path / "u", method="resta", beta=1.5,
+                      unaligned=dw.adapter, quiet=True)
+    _check_resta(tmp_path / "u", wt, wa, _read(dw.merged), beta=1.5)
+    problems, checked = verify_summary(tmp_path / "u", base=dw.base, aligned=dw.aligned, finetuned=dw.finetuned,
+                                       unaligned=dw.adapter)
+    assert problems == [] and any(c.startswith("every module equals theta_ft") for c in checked)
+    _, checked = verify_summary(tmp_path / "u", base=dw.base, aligned=dw.aligned, finetuned=dw.finetuned)
+    assert any("NOT checked: the run was given an unaligned model; pass --unaligned" in c for c in checked)
+
+
+def test_resta_with_dare_drops_a_seeded_share_of_the_change(dw: DenseWorld, tmp_path: Path) -> None:  # noqa: F811
+    reps = {}
+    for name, seed in (("a", 42), ("b", 42), ("c", 7)):
+        reps[name] = nlsr_fast.realign(dw.base, dw.aligned, dw.finetuned, tmp_path / name, method="resta",
+                                       dare_rate=0.3, seed=seed, quiet=True)
+    _check_resta(tmp_path / "a", _read(dw.finetuned), _read(dw.aligned), _read(dw.base), beta=0.5, rate=0.3)
+    ma, mb, mc = (load_masks(tmp_path / n / "masks.safetensors") for n in "abc")
+    assert all(ma[k].equal(mb[k]) for k in ma) and not any(ma[k].equal(mc[k]) for k in ma)  # seeded, per module
+    kept = sum(m.count() for m in ma.values())
+    total = sum(m.rows * m.cols for m in ma.values())
+    sd = (total * 0.3 * 0.7) ** 0.5  # binomial: the kept share is 1 - p within 5 standard deviations
+    assert abs(kept - 0.7 * total) < 5 * sd
+    assert len({tuple(m.row_counts().tolist()) for m in ma.values()}) > 1  # Bernoulli entries, not a count per row
+    problems, _ = verify_summary(tmp_path / "a", base=dw.base, aligned=dw.aligned, finetuned=dw.finetuned)
+    assert problems == []
+    shutil.copyfile(tmp_path / "c" / "masks.safetensors", tmp_path / "a" / "masks.safetensors")  # another seed's
+    write_manifest(tmp_path / "a")
+    problems, _ = verify_summary(tmp_path / "a")
+    assert any("not DARE's draw at rate 0.3, seed 42" in p for p in problems), problems
+
+
+def test_resta_on_adapters_writes_a_full_checkpoint(world: World, tmp_path: Path) -> None:
+    rep = nlsr_fast.realign(world.base, world.aligned, world.finetuned, tmp_path / "out", method="resta", quiet=True)
+    assert rep.mode == "dense" and (tmp_path / "out" / "config.json").is_file()
+    base = CheckpointReader(world.base)
+
+    def merged(folder: Path) -> dict[str, torch.Tensor]:  # W_0 + s B A in fp64, the adapter's change unrounded
+        ad = LoraAdapter.load(folder)
+        out = {k: base.get(k).double() for k in base.keys()}
+        for name in ad.modules:
+            a, b = ad.factors(name)
+            out[f"{name}.weight"] += ad.scale(name) * b.double() @ a.double()
+        return out
+
+    _check_resta(tmp_path / "out", {k: v.float() for k, v in merged(world.finetuned).items()},
+                 merged(world.aligned), {k: base.get(k) for k in base.keys()}, beta=0.5, rel=1e-6)
+    with pytest.raises(ValueError, match="method 'resta' is not available in lora mode: the sum of two adapters"):
+        nlsr_fast.realign(world.base, world.aligned, world.finetuned, tmp_path / "l", method="resta", mode="lora",
+                          quiet=True)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"method": "resta", "beta": -0.1}, r"beta must be a number in \[0.0, 10.0\], got -0.1"),
+    ({"method": "resta", "dare_rate": 1.0}, r"dare_rate must be a number in \[0.0, 0.999\], got 1.0"),
+    ({"method": "wanda", "beta": 0.5}, r"beta=0.5 applies to \['resta'\], not to method 'wanda'"),
+    ({"method": "safelora", "dare_rate": 0.2}, r"dare_rate=0.2 applies to \['resta'\]"),
+])
+def test_resta_bad_options_are_refused_naming_them(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        nlsr_fast.RealignConfig(**options)
+
+
+def test_resta_bad_unaligned_model_is_refused_by_the_dry_run(dw: DenseWorld, tmp_path: Path,  # noqa: F811
+                                                              capsys) -> None:
+    other = testing.make_tiny_llama(tmp_path / "other", layers=2, hidden=16, dtype=torch.bfloat16)
+    capsys.readouterr()
+    out = tmp_path / "o"
+    rc = cli.main(["realign", str(dw.base), str(dw.aligned), str(dw.finetuned), str(out), "--method", "resta",
+                   "--unaligned", str(other), "--dry-run", "--quiet"])  # another model: other shapes
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "in the unaligned model" in err[0] and "shape" in err[0], err
+    with pytest.raises(ValueError, match=r"an unaligned model \(--unaligned .*\) applies to \['resta'\], not to "
+                                         r"method 'magnitude'"):
+        nlsr_fast.realign(dw.base, dw.aligned, dw.finetuned, out, method="magnitude", unaligned=dw.aligned,
+                          dry_run=True, quiet=True)
+    assert not out.exists()

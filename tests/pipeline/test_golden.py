@@ -22,4 +22,4 @@ def test_outputs_bit_for_bit_as_recorded() -> None:
     if run.returncode == 3:  # not an x86-64 CPU with AVX2, no C++ extension, or other package versions
         pytest.skip(run.stderr.strip().splitlines()[-1])
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert run.stdout.strip().splitlines()[-1] == "23 runs: every output bit for bit as recorded"
+    assert run.stdout.strip().splitlines()[-1] == "24 runs: every output bit for bit as recorded"

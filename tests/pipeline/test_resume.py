@@ -103,14 +103,16 @@ def test_dense_run_killed_in_pass2_resumes(dw: DenseWorld, tmp_path: Path) -> No
     _same_results(tmp_path / "whole", out)
 
 
-@pytest.mark.parametrize("method", ["safelora", "antidote"])
+@pytest.mark.parametrize("method", ["safelora", "antidote", "resta"])
 def test_other_defences_killed_in_pass2_resume(world: World, dw: DenseWorld, tmp_path: Path,  # noqa: F811
                                                method: str) -> None:
-    # safelora recomputes its chosen dense modules in pass 2 (nothing stashed); antidote writes zeros there
-    options = {"method": method, "count": 8} if method == "safelora" else {
-        "method": method, "calibration": str(dw.calibration), "nsamples": 8}
+    # safelora recomputes its chosen dense modules in pass 2 (nothing stashed), antidote writes zeros there, resta
+    # reads its three models there (adapter inputs run in dense mode)
+    options = {"safelora": {"method": method, "count": 8}, "resta": {"method": method, "dare_rate": 0.2},
+               "antidote": {"method": method, "calibration": str(dw.calibration), "nsamples": 8}}[method]
     for mode, paths, target in (("dense", [dw.base, dw.aligned, dw.finetuned], "dense_pass2"),
-                                ("lora", [world.base, world.aligned, world.finetuned], "pass2")):
+                                ("lora", [world.base, world.aligned, world.finetuned],
+                                 "dense_pass2" if method == "resta" else "pass2")):
         if method == "antidote" and mode == "lora":
             options["calibration"] = str(world.calibration)
         whole, out = tmp_path / f"{mode}_whole", tmp_path / f"{mode}_out"
