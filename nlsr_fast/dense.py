@@ -83,17 +83,22 @@ class DenseInput:
         name = key[: -len(".weight")] if key.endswith(".weight") else None
         if name is None or name not in self.adapter:
             return w0
-        from nlsr_fast.lora import read_raw
-
-        m = self.adapter.module(name)
-        a = read_raw(self.adapter, m.key_a, nonfinite).float()
-        b = read_raw(self.adapter, m.key_b, nonfinite).float()
-        if m.transposed:
-            a, b = a.t(), b.t()
-        delta = (b @ a) * m.scale
+        a, b, scale = adapter_factors(self.adapter, name, nonfinite)
+        delta = (b @ a) * scale
         if self.adapter.fan_in_fan_out:
             delta = delta.t()
         return (w0.float() + delta).to(w0.dtype)
+
+
+def adapter_factors(adapter: LoraAdapter, name: str,
+                    nonfinite: NonFinite | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A (r, d_in), B (d_out, r) in fp32 and the scale of module `name` of an adapter, read and checked."""
+    from nlsr_fast.lora import read_raw
+
+    m = adapter.module(name)
+    a = read_raw(adapter, m.key_a, nonfinite).float()
+    b = read_raw(adapter, m.key_b, nonfinite).float()
+    return (a.t(), b.t(), m.scale) if m.transposed else (a, b, m.scale)
 
 
 def read_base(base: CheckpointReader, key: str, nonfinite: NonFinite | None) -> torch.Tensor:
@@ -243,9 +248,7 @@ class DenseSpace:
         if self.spec.repair == "add":
             return None
         if self.spec.repair == "project":  # safelora: the reference is the aligned model itself
-            from nlsr_fast.methods.safelora import dense_projection
-
-            return dense_projection(name, loaded.w_e, loaded.w_0, loaded.w_t)[1]
+            return self.projection(name, loaded)[1]
 
         with logged_warnings():
             return masked_delta_cosine(loaded.w_t, loaded.w_e, masks[name].to(self.device), base=loaded.w_0,
@@ -278,12 +281,17 @@ class DenseSpace:
         return combine(w_t.to(self.device), w_a.to(self.device), w_u.to(self.device), beta=self.beta, keep=keep,
                        rate=self.dare_rate or 0.0)
 
-    @staticmethod
-    def spec_projection(name: str, loaded: DenseModule) -> torch.Tensor:
-        """safelora's W_a + C dW (fp32) of a module, from its loaded tensors (the reference is W_a)."""
-        from nlsr_fast.methods.safelora import dense_projection
+    def projection(self, name: str, loaded: DenseModule) -> tuple[torch.Tensor, float]:
+        """safelora's (W_a + C dW in fp32, cos(C dW, dW)) of a module from its loaded tensors (the reference is W_a):
+        through the aligned adapter's factors when the aligned model is one (V = s B A, rank r), else full rank."""
+        from nlsr_fast.methods.safelora import dense_lowrank_projection, dense_projection
 
-        return dense_projection(name, loaded.w_e, loaded.w_0, loaded.w_t)[0]
+        assert self.aligned is not None
+        factors = aligned_change(self.aligned.adapter, name, self.nonfinite)
+        if factors is None:
+            return dense_projection(name, loaded.w_e, loaded.w_0, loaded.w_t)
+        left, right = (t.to(self.device) for t in factors)
+        return dense_lowrank_projection(name, left, right, loaded.w_e, loaded.w_t)
 
     # -- file order (pass 1 reads in it) and pass 2: the output checkpoint ---------------------------------------
     def file_order(self, names: list[str]) -> list[str]:
@@ -311,8 +319,7 @@ class DenseSpace:
         out = self._block(loaded.shape[0], loaded.shape[1], loaded.dtype)
         value = values.get(item)
         if value is None and self.spec.repair == "project":
-            module = self.load(item)
-            value = self.spec_projection(item, module).to(loaded.dtype).reshape(-1)
+            value = self.projection(item, self.load(item))[0].to(loaded.dtype).reshape(-1)
         elif value is None and self.spec.repair == "add":
             value = self.safety_added(item, loaded, masks[item]).to(loaded.dtype).reshape(-1)
             masks = {item: PackedMask.ones(tuple(loaded.shape), loaded.device)}  # every entry takes theta
@@ -321,6 +328,18 @@ class DenseSpace:
         new, changed = put_masked_values(loaded, masks[item], value, out=out, backend=self.backend)
         self.out.write(key, new)
         return {item: changed}
+
+
+def aligned_change(adapter: LoraAdapter | None, name: str,
+                   nonfinite: NonFinite | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(L, R), fp32, with L @ R the change an adapter makes to weight `name` (as DenseInput.read merges it: s B A,
+    transposed for fan_in_fan_out); None when `adapter` is None or does not adapt `name` (then the change is 0)."""
+    if adapter is None or name not in adapter:
+        return None
+    a, b, scale = adapter_factors(adapter, name, nonfinite)
+    if adapter.fan_in_fan_out:
+        return a.t().contiguous(), (b.t() * scale).contiguous()
+    return (b * scale).contiguous(), a.contiguous()
 
 
 class ReferenceReader:

@@ -147,7 +147,8 @@ def open_inputs(config: RealignConfig, base_p: Path, aligned_p: Path, ft_p: Path
 def _check_projection(config: RealignConfig, inputs: Inputs) -> None:
     """safelora, before any long computation: no --reference (it projects on the aligned model's own change); in
     LoRA mode every module's aligned change V is non-zero (the factors are small: read them all); in dense mode, an
-    aligned adapter adapts every target, and the GEMMs of a full-rank V fit the CPU budget (from the shapes alone).
+    aligned adapter adapts every target (V is then its rank-r change), and the GEMMs of a full-rank V (a full aligned
+    checkpoint) fit the CPU budget (from the shapes alone).
     A full aligned checkpoint equal to the base in a module is found when pass 1 reads it."""
     from nlsr_fast.methods import safelora
 
@@ -171,6 +172,7 @@ def _check_projection(config: RealignConfig, inputs: Inputs) -> None:
         missing = [name for name in inputs.modules if name not in adapter]
         if missing:
             raise safelora.no_delta(missing[0])
+        return  # V = s B A is rank r: two thin GEMMs per module (4 r d_out d_in FLOPs), no budget to check
     if resolve_device(config.device).type != "cpu":
         return
     shapes = [inputs.finetuned.shape(f"{name}.weight") for name in inputs.modules]

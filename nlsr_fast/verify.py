@@ -629,9 +629,18 @@ def _check_dense(out: Path, report: dict[str, Any], records: list[dict[str, Any]
         else:
             from nlsr_fast.methods.safelora import dense_projection
 
+            from nlsr_fast.dense import aligned_change
+            from nlsr_fast.io import LoraAdapter
+            from nlsr_fast.methods.safelora import dense_lowrank_projection
+
             recomputed, ft_model, al_reader, base_reader = True, ft, al_model, base_ck
+            folder = paths["aligned"]
+            al_adapter = LoraAdapter.load(folder) if (folder / "adapter_config.json").is_file() else None
 
             def reference(key: str) -> torch.Tensor:
+                factors = aligned_change(al_adapter, key[: -len(".weight")])
+                if factors is not None:  # the run projected on the adapter's rank-r change, as here
+                    return dense_lowrank_projection(key, *factors, al_reader(key), ft_model(key))[0]
                 return dense_projection(key, al_reader(key), base_reader.get(key), ft_model(key))[0]
     elif "reference" in paths:
         ref_model = model("reference")

@@ -63,24 +63,53 @@ def lora_projection(name: str, aligned: tuple[Any, Any], s_a: float, finetuned: 
     return (s_a * a_a + p) / s_t, cos
 
 
-def dense_projection(name: str, w_a: Any, w_0: Any, w_t: Any) -> tuple[Any, float]:
-    """(W_aligned + C dW in fp32, cos(C dW, dW)) of a dense module (fp32 GEMMs, fp64 sums)."""
+def _dot(x: Any, y: Any) -> Any:
+    """sum(x * y) accumulated in fp64, with one fp32 temporary (no fp64 copy of a 70B-sized weight)."""
     import torch
 
-    v = w_a.float() - w_0.float()
-    dw = w_t.float() - w_a.float()
-    norm_v = torch.linalg.vector_norm(v, dtype=torch.float64)
+    return torch.sum(x * y, dtype=torch.float64)
+
+
+def dense_projection(name: str, w_a: Any, w_0: Any, w_t: Any) -> tuple[Any, float]:
+    """(W_aligned + C dW in fp32, cos(C dW, dW)) of a dense module (fp32 GEMMs, fp64 sums). Holds three fp32 copies
+    of the weight (V, dW, C dW) and one temporary at a time."""
+    import torch
+
+    w_a32 = w_a.float()
+    v = w_a32 - w_0.float()
+    norm_v = _dot(v, v).sqrt()
     if float(norm_v) == 0.0:
         raise no_delta(name)
+    dw = w_t.float() - w_a32
     d_out, d_in = v.shape
     if d_out <= d_in:
         projected = (v @ v.T) @ dw  # the d_out x d_out C is the smaller square
     else:
         projected = v @ (v.T @ dw)  # d_in x d_in
+    del v
     projected.div_(float(norm_v))
-    cos = _cosine((projected.double() * dw.double()).sum(), projected.double().square().sum(),
-                  dw.double().square().sum())
-    return projected.add_(w_a.float()), cos
+    cos = _cosine(_dot(projected, dw), _dot(projected, projected), _dot(dw, dw))
+    return projected.add_(w_a32), cos
+
+
+def dense_lowrank_projection(name: str, left: Any, right: Any, w_a: Any, w_t: Any) -> tuple[Any, float]:
+    """(W_aligned + C dW in fp32, cos(C dW, dW)) of a dense module whose aligned change is V = left @ right (an aligned
+    adapter's s B A: rank r). With K = left^T dW and P = (right right^T) K / ||V||_F, C dW = left @ P: two
+    rank-r GEMMs, 4 r d_out d_in FLOPs, instead of the full-rank route's two large ones."""
+    import torch
+
+    left, right = left.float(), right.float()
+    norm_v = ((left.T @ left).double() * (right @ right.T).double()).sum().clamp_min(0).sqrt()
+    if float(norm_v) == 0.0:
+        raise no_delta(name)
+    w_a32 = w_a.float()
+    dw = w_t.float() - w_a32
+    k = left.T @ dw  # r x d_in
+    p = ((right @ right.T).double() @ k.double() / norm_v).float()
+    cos = _cosine(torch.sum(p.double() * k.double()), torch.sum(((left.T @ left).double() @ p.double()) * p.double()),
+                  _dot(dw, dw))
+    del dw
+    return torch.addmm(w_a32, left, p), cos
 
 
 def lora_masks(a: Any, b: Any, _: Any, **__: Any) -> tuple[Any, Any]:

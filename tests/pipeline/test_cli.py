@@ -291,8 +291,8 @@ def test_cli_passes_wait_and_force(world: World, tmp_path: Path, monkeypatch) ->
 
     seen: dict = {}
 
-    def fake(config, base, aligned, finetuned, out, *, calibration=None, reference=None, dry_run=False,
-             quiet=False, overwrite=False, wait=False, force=False):
+    def fake(config, base, aligned, finetuned, out, *, calibration=None, reference=None, unaligned=None,
+             dry_run=False, quiet=False, overwrite=False, wait=False, force=False):
         seen.update(dry_run=dry_run, quiet=quiet, overwrite=overwrite, wait=wait, force=force)
         return Report(config=config.to_dict(), counts={"modules": 0, "restored": 0})
 

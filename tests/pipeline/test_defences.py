@@ -390,3 +390,23 @@ def test_resta_bad_unaligned_model_is_refused_by_the_dry_run(dw: DenseWorld, tmp
         nlsr_fast.realign(dw.base, dw.aligned, dw.finetuned, out, method="magnitude", unaligned=dw.aligned,
                           dry_run=True, quiet=True)
     assert not out.exists()
+
+
+def test_safelora_dense_on_adapters_projects_on_the_rank_r_change_as_lora_mode(world: World, tmp_path: Path) -> None:
+    """An aligned adapter makes V = s B_a A_a exactly rank r: dense mode takes the low-rank route (no CPU budget to
+    check) and agrees with LoRA mode's output merged on the base, and with its similarities."""
+    dense = nlsr_fast.realign(world.base, world.aligned, world.finetuned, tmp_path / "d", method="safelora",
+                              mode="dense", count=4, quiet=True)
+    lora = nlsr_fast.realign(world.base, world.aligned, world.finetuned, tmp_path / "l", method="safelora",
+                             mode="lora", count=4, quiet=True)
+    assert [m.restored for m in dense.modules] == [m.restored for m in lora.modules]
+    for d, m in zip(dense.modules, lora.modules, strict=True):
+        assert d.similarity == pytest.approx(m.similarity, abs=1e-5), d.name
+    got, out_ad, base = _read(tmp_path / "d"), LoraAdapter.load(tmp_path / "l"), CheckpointReader(world.base)
+    for name in out_ad.modules:
+        a, b = out_ad.factors(name)
+        want = base.get(f"{name}.weight").double() + out_ad.scale(name) * b.double() @ a.double()
+        err = (got[f"{name}.weight"].double() - want).abs().max()
+        assert float(err) <= 1e-5 * float(want.abs().max()), name
+    problems, _ = verify_summary(tmp_path / "d", base=world.base, aligned=world.aligned, finetuned=world.finetuned)
+    assert problems == []
