@@ -627,11 +627,9 @@ def _check_dense(out: Path, report: dict[str, Any], records: list[dict[str, Any]
         if ft is None or al_model is None or base_ck is None:
             checked.append("projected modules NOT checked: pass --base, --aligned and --finetuned")
         else:
-            from nlsr_fast.methods.safelora import dense_projection
-
             from nlsr_fast.dense import aligned_change
             from nlsr_fast.io import LoraAdapter
-            from nlsr_fast.methods.safelora import dense_lowrank_projection
+            from nlsr_fast.methods.safelora import dense_lowrank_projection, dense_projection
 
             recomputed, ft_model, al_reader, base_reader = True, ft, al_model, base_ck
             folder = paths["aligned"]

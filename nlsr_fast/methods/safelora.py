@@ -73,7 +73,6 @@ def _dot(x: Any, y: Any) -> Any:
 def dense_projection(name: str, w_a: Any, w_0: Any, w_t: Any) -> tuple[Any, float]:
     """(W_aligned + C dW in fp32, cos(C dW, dW)) of a dense module (fp32 GEMMs, fp64 sums). Holds three fp32 copies
     of the weight (V, dW, C dW) and one temporary at a time."""
-    import torch
 
     w_a32 = w_a.float()
     v = w_a32 - w_0.float()
