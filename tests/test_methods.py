@@ -14,7 +14,8 @@ from nlsr_fast.methods import METHODS, Method, Needs
 
 
 def test_every_consumer_lists_the_registrys_methods() -> None:
-    assert list(METHODS) == ["low_rank", "wanda", "snip", "pref_snip", "random", "magnitude", "safelora", "antidote"]
+    assert list(METHODS) == ["low_rank", "wanda", "snip", "pref_snip", "random", "magnitude", "safelora", "antidote",
+                            "resta"]
     assert CONFIG_METHODS == tuple(METHODS)
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     method_flag = next(a for a in sub.choices["realign"]._actions if a.dest == "method")  # type: ignore[attr-defined]
@@ -65,8 +66,9 @@ def test_methods_table_has_a_row_per_method_in_order() -> None:
     assert "(default)" in rows[0] and sum("(default)" in r for r in rows) == 1
     assert "top 1−s of each factor" in rows[0]
     assert "| restores the 1−s of each row |" in rows[list(METHODS).index("random")]
-    assert "zeroes the top prune_ratio" in rows[-1]
-    assert "the 10 least similar" in rows[-2]
+    row = {name: rows[i] for i, name in enumerate(METHODS)}
+    assert "zeroes the top prune_ratio" in row["antidote"] and "the 10 least similar" in row["safelora"]
+    assert "adds β (default 0.5)" in row["resta"]
 
 
 def test_data_free_method_needs_no_calibration_file(tmp_path) -> None:
