@@ -385,9 +385,10 @@ class Experiment:
         scale: float,
         meta: dict[str, Any],
         light: bool = False,
+        weights: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         t0 = time.perf_counter()
-        self.swap.load(factors, scale)
+        self.swap.load(factors, scale, weights=weights)
         harmful = self.splits(seed)["eval"]
         h_out, lps = greedy_with_margins(
             self.swap.model,

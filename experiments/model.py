@@ -142,7 +142,8 @@ def train_lora(
 
 class SwapModel:
     """One fp32 base model in memory; `load(factors, scale)` sets every adapted projection to W0 + scale*B@A (a merged
-    LoRA, exact in fp32), `load(None)` restores the base."""
+    LoRA, exact in fp32), `load(None)` restores the base, `load(None, weights=...)` sets the projections given (a
+    dense checkpoint's)."""
 
     def __init__(self, base: str | Path) -> None:
         from transformers import AutoModelForCausalLM
@@ -163,8 +164,13 @@ class SwapModel:
         return name + ".weight"
 
     @torch.no_grad()
-    def load(self, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None, scale: float = 1.0) -> None:
+    def load(self, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None, scale: float = 1.0,
+             weights: Mapping[str, torch.Tensor] | None = None) -> None:
         for n, w in self.w0.items():
+            self.params[n].copy_(w)
+        for n, w in (weights or {}).items():
+            if n not in self.w0:
+                raise KeyError(f"weight {n!r} is not a target projection of the base")
             self.params[n].copy_(w)
         if factors is None:
             return
