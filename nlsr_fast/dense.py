@@ -101,6 +101,12 @@ def adapter_factors(adapter: LoraAdapter, name: str,
     return (a.t(), b.t(), m.scale) if m.transposed else (a, b, m.scale)
 
 
+def changed_entries(new: torch.Tensor, old: torch.Tensor) -> int:
+    """How many entries of `new` differ bit for bit from `old` (same shape and dtype)."""
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[new.element_size()]
+    return int((new.view(as_int) != old.view(as_int)).sum())
+
+
 def read_base(base: CheckpointReader, key: str, nonfinite: NonFinite | None) -> torch.Tensor:
     """Tensor `key` of a checkpoint, read into private memory and checked by the non-finite policy (if given)."""
     t = read_tensor(base.info(key))
@@ -268,18 +274,29 @@ class DenseSpace:
             blocks.append(masked_values(cast, PackedMask(mask.bits[r:r + n], (n, mask.cols)), backend=self.backend))
         return {name: torch.cat(blocks) if blocks else loaded.w_t.new_empty(0)}
 
-    def safety_added(self, name: str, w_t: torch.Tensor, kept: PackedMask) -> torch.Tensor:
-        """resta's theta (fp32) of a module: its aligned and unaligned weights read here, once."""
-        from nlsr_fast.methods.resta import combine
-
+    def resta_inputs(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """W_t, W_a and W_u of a module (each read once and checked; the base stands for the unaligned model unless
+        one was given)."""
         key = f"{name}.weight"
         w_0 = read_base(self.base, key, self.nonfinite)
-        assert self.aligned is not None and self.beta is not None
-        w_a = self.aligned.read(key, w_0)
+        assert self.aligned is not None
         w_u = w_0 if self.unaligned is None else self.unaligned.read(key, w_0)
-        keep = kept.to_bool().to(w_t.device) if self.dare_rate else None
-        return combine(w_t.to(self.device), w_a.to(self.device), w_u.to(self.device), beta=self.beta, keep=keep,
-                       rate=self.dare_rate or 0.0)
+        return self.ft.read(key, w_0), self.aligned.read(key, w_0), w_u
+
+    def write_resta(self, name: str, loaded: tuple[torch.Tensor, ...], masks: dict[str, PackedMask] | None
+                    ) -> dict[str, int]:
+        """resta's theta of a module, computed in a pooled fp32 buffer, rounded once into the output's dtype."""
+        from nlsr_fast.methods.resta import combine
+
+        assert self.out is not None and self.beta is not None and masks is not None
+        w_t, w_a, w_u = (t.to(self.device) for t in loaded)
+        rows, cols = w_t.shape
+        keep = masks[name].to(self.device).to_bool() if self.dare_rate else None
+        theta = combine(w_t, w_a, w_u, beta=self.beta, keep=keep, rate=self.dare_rate or 0.0,
+                        out=self._block(rows, cols, torch.float32))
+        new = self._block(rows, cols, w_t.dtype).copy_(theta)
+        self.out.write(f"{name}.weight", new)
+        return {name: changed_entries(new, w_t)}
 
     def projection(self, name: str, loaded: DenseModule) -> tuple[torch.Tensor, float]:
         """safelora's (W_a + C dW in fp32, cos(C dW, dW)) of a module from its loaded tensors (the reference is W_a):
@@ -303,16 +320,20 @@ class DenseSpace:
         targets = {f"{n}.weight" for n in self.modules}
         return [mine.get(k, k) for k in self.ft.keys() if k in mine or (rest and k not in targets)]
 
-    def load_output(self, item: str) -> torch.Tensor:
-        if item in self._module_set:  # its weight was checked for non-finite values in pass 1 (resta reads it here)
-            return self.ft.read(f"{item}.weight", checked=self.spec.repair == "add")
+    def load_output(self, item: str) -> Any:
+        if item in self._module_set and self.spec.repair == "add":  # resta reads its three models here, ahead
+            return self.resta_inputs(item)
+        if item in self._module_set:  # its weight was checked for non-finite values in pass 1
+            return self.ft.read(f"{item}.weight", checked=False)
         replacement = self.rest.get(item, ("copy", None))[1]
         return replacement if replacement is not None else self.ft.read(item)
 
-    def write_output(self, item: str, loaded: torch.Tensor, masks: dict[str, PackedMask] | None,
+    def write_output(self, item: str, loaded: Any, masks: dict[str, PackedMask] | None,
                      values: dict[str, torch.Tensor] | None) -> dict[str, int]:
         assert self.out is not None
         key = f"{item}.weight" if item in self._module_set else item
+        if self.spec.repair == "add" and item in self._module_set:
+            return self.write_resta(item, loaded, masks)
         if masks is None or values is None:
             self.out.write(key, loaded)
             return {}
@@ -320,9 +341,6 @@ class DenseSpace:
         value = values.get(item)
         if value is None and self.spec.repair == "project":
             value = self.projection(item, self.load(item))[0].to(loaded.dtype).reshape(-1)
-        elif value is None and self.spec.repair == "add":
-            value = self.safety_added(item, loaded, masks[item]).to(loaded.dtype).reshape(-1)
-            masks = {item: PackedMask.ones(tuple(loaded.shape), loaded.device)}  # every entry takes theta
         elif value is None:  # prune: the masked entries become zero
             value = loaded.new_zeros(masks[item].count())
         new, changed = put_masked_values(loaded, masks[item], value, out=out, backend=self.backend)

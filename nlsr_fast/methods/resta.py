@@ -31,15 +31,18 @@ def dare_keep(shape: tuple[int, int], rate: float, seed: int, key: str) -> Any:
                       for r in range(0, rows, DARE_ROWS)]) if rows else torch.zeros(shape, dtype=torch.bool)
 
 
-def combine(w_t: Any, w_a: Any, w_u: Any, *, beta: float, keep: Any = None, rate: float = 0.0) -> Any:
-    """theta (fp32) of one module: w_t + beta (w_a - w_u), or with DARE's `keep` w_a + keep (w_t - w_a) / (1 - rate)
-    + beta (w_a - w_u)."""
-    w_a32 = w_a.float()
-    safety = (w_a32 - w_u.float()).mul_(beta)
-    if keep is None:
-        return safety.add_(w_t.float())
-    change = (w_t.float() - w_a32).mul_(keep.to(w_a32.device)).div_(1.0 - rate)
-    return change.add_(w_a32).add_(safety)
+def combine(w_t: Any, w_a: Any, w_u: Any, *, beta: float, keep: Any = None, rate: float = 0.0,
+            out: Any = None) -> Any:
+    """theta (fp32) of one module: w_t + beta w_a - beta w_u, or with DARE's `keep` w_a + keep (w_t - w_a) / (1 - rate)
+    + beta w_a - beta w_u; computed in place in `out` (an fp32 buffer of the weight's shape, or a new one), the inputs
+    cast as they are read, so a module costs one fp32 copy."""
+    import torch
+
+    theta = torch.empty(w_t.shape, dtype=torch.float32, device=w_t.device) if out is None else out
+    theta.copy_(w_t)
+    if keep is not None:
+        theta.sub_(w_a).mul_(keep).div_(1.0 - rate).add_(w_a)
+    return theta.add_(w_a, alpha=beta).sub_(w_u, alpha=beta)
 
 
 METHOD = Method(
