@@ -256,7 +256,7 @@ class DenseSpace:
         if self.spec.repair == "add":
             return None
         if self.spec.repair == "project":  # safelora: the reference is the aligned model itself
-            return self.projection(name, loaded)[1]
+            return self.projection(name, loaded, weight=False)[1]
 
         with logged_warnings():
             return masked_delta_cosine(loaded.w_t, loaded.w_e, masks[name].to(self.device), base=loaded.w_0,
@@ -309,7 +309,7 @@ class DenseSpace:
         self.out.write(f"{name}.weight", new)
         return {name: changed}
 
-    def projection(self, name: str, loaded: DenseModule) -> tuple[torch.Tensor, float]:
+    def projection(self, name: str, loaded: DenseModule, weight: bool = True) -> tuple[Any, float]:
         """safelora's (W_a + C dW in fp32, cos(C dW, dW)) of a module from its loaded tensors (the reference is W_a):
         through the aligned adapter's factors when the aligned model is one (V = s B A, rank r), else full rank."""
         from nlsr_fast.methods.safelora import dense_lowrank_projection, dense_projection
@@ -319,7 +319,7 @@ class DenseSpace:
         if factors is None:
             return dense_projection(name, loaded.w_e, loaded.w_0, loaded.w_t)
         left, right = (t.to(self.device) for t in factors)
-        return dense_lowrank_projection(name, left, right, loaded.w_e, loaded.w_t)
+        return dense_lowrank_projection(name, left, right, loaded.w_e, loaded.w_t, weight=weight)
 
     # -- file order (pass 1 reads in it) and pass 2: the output checkpoint ---------------------------------------
     def file_order(self, names: list[str]) -> list[str]:

@@ -91,10 +91,12 @@ def dense_projection(name: str, w_a: Any, w_0: Any, w_t: Any) -> tuple[Any, floa
     return projected.add_(w_a32), cos
 
 
-def dense_lowrank_projection(name: str, left: Any, right: Any, w_a: Any, w_t: Any) -> tuple[Any, float]:
-    """(W_aligned + C dW in fp32, cos(C dW, dW)) of a dense module whose aligned change is V = left @ right (an aligned
-    adapter's s B A: rank r). With K = left^T dW and P = (right right^T) K / ||V||_F, C dW = left @ P: two
-    rank-r GEMMs, 4 r d_out d_in FLOPs, instead of the full-rank route's two large ones."""
+def dense_lowrank_projection(name: str, left: Any, right: Any, w_a: Any, w_t: Any,
+                             weight: bool = True) -> tuple[Any, float]:
+    """(W_aligned + C dW in fp32, or None without `weight`; cos(C dW, dW)) of a dense module whose aligned change is
+    V = left @ right (an aligned adapter's s B A: rank r). With K = left^T dW and P = (right right^T) K / ||V||_F,
+    C dW = left @ P: two rank-r GEMMs, 4 r d_out d_in FLOPs, instead of the full-rank route's two large ones; the
+    cosine needs only the first (pass 1), the weight the second (pass 2, the chosen modules)."""
     import torch
 
     left, right = left.float(), right.float()
@@ -108,7 +110,7 @@ def dense_lowrank_projection(name: str, left: Any, right: Any, w_a: Any, w_t: An
     cos = _cosine(torch.sum(p.double() * k.double()), torch.sum(((left.T @ left).double() @ p.double()) * p.double()),
                   _dot(dw, dw))
     del dw
-    return torch.addmm(w_a32, left, p), cos
+    return (torch.addmm(w_a32, left, p) if weight else None), cos
 
 
 def lora_masks(a: Any, b: Any, _: Any, **__: Any) -> tuple[Any, Any]:
