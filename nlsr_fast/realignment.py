@@ -164,7 +164,8 @@ class Realignment:
         device = str(resolve_device(config.device))
         plan = make_plan(config, base=inputs.base, finetuned=inputs.finetuned,
                          reference_given=inputs.reference is not None, calibration=summary, device=device,
-                         paths=paths, mode=inputs.mode, modules=inputs.modules)
+                         paths=paths, mode=inputs.mode, modules=inputs.modules,
+                         repair_flops=_repair_flops(config, inputs))
         log.info("%s", format_plan(plan))
         return Report(inputs={k: inputs.record(k, path=v) for k, v in paths.items() if v and k != "out"},
                       output=None, versions=versions(), config=config.to_dict(), preset=asdict(config.preset_spec),
@@ -272,6 +273,20 @@ class Realignment:
             bytes_read=int(sum(f["size"] for r in input_records.values() for f in r["files"] if f["sha256"])),
             nonfinite=list(nonfinite.found), extra_tensors=list(inputs.extra_records),
         )
+
+
+def _repair_flops(config: RealignConfig, inputs: Inputs) -> float | None:
+    """safelora in dense mode: the FLOPs of C dW over the modules (the rank of an aligned adapter, else full rank)."""
+    from nlsr_fast.methods import safelora
+
+    if config.method_spec.repair != "project" or inputs.mode != "dense":
+        return None
+    adapter = inputs.aligned.adapter
+    total = 0
+    for name in inputs.modules:
+        d_out, d_in = inputs.finetuned.shape(f"{name}.weight")
+        total += safelora.dense_flops(d_out, d_in, adapter.module(name).rank if adapter is not None else None)
+    return float(total)
 
 
 def _hold_lock(stack: contextlib.ExitStack, lock: Any) -> bool:

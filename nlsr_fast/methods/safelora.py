@@ -18,9 +18,10 @@ from nlsr_fast.methods.base import Method, Needs
 CPU_FLOP_LIMIT = 2e14
 
 
-def dense_flops(d_out: int, d_in: int) -> int:
-    """FLOPs of C dW for one d_out x d_in module: two GEMMs through the min(d_out, d_in)^2 intermediate."""
-    return 4 * d_out * d_in * min(d_out, d_in)
+def dense_flops(d_out: int, d_in: int, rank: int | None = None) -> int:
+    """FLOPs of C dW for one d_out x d_in module: two GEMMs through the min(d_out, d_in)^2 intermediate, or with an
+    aligned change of rank `rank` (an aligned adapter) two thin ones."""
+    return 4 * d_out * d_in * (min(d_out, d_in) if rank is None else rank)
 
 
 def no_delta(name: str) -> ValueError:

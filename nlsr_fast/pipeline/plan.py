@@ -74,6 +74,7 @@ def make_plan(
     paths: dict[str, str | None],
     mode: str = "lora",
     modules: list[str] | None = None,
+    repair_flops: float | None = None,
 ) -> dict[str, Any]:
     """The dry-run plan.
 
@@ -85,6 +86,7 @@ def make_plan(
         calibration: `calibration_summary` of the calibration file, or None.
         device: the device the run would use.
         paths: the input and output paths.
+        repair_flops: the FLOPs of the method's own per-module arithmetic when they matter (safelora in dense mode).
     Returns:
         A JSON-able dict: modules (name, layer, rank, shapes), counts, calibration, memory and time estimates.
     """
@@ -123,7 +125,7 @@ def make_plan(
         "paths": paths,
         "config": config.to_dict(),
         "device": device,
-        "reference": "given" if reference_given else f"amplified aligned adapter ({config.preset} preset)",
+        "reference": _reference_line(config, reference_given),
         "mode": mode,
         "modules": modules_out,
         "counts": {"modules": len(modules_out), "layers": len(layer_bytes), "base_tensors": len(base.keys())},
@@ -134,9 +136,22 @@ def make_plan(
             "activation_bytes": int(activations),
             "base_read_bytes": int(base.nbytes) if needs_calib else 0,
             "calibration_flops": flops,
+            "repair_flops": repair_flops,
             "seconds": round(flops / _FLOPS[dev] + adapter_bytes * 6 / 1e9, 1),
         },
     }
+
+
+def _reference_line(config: RealignConfig, given: bool) -> str:
+    """What the plan says the run compares with: NLSR's reference, or what the other defences use instead."""
+    repair = config.method_spec.repair
+    if repair == "project":
+        return "none: the projection on the aligned model's change from the base (V = W_a - W_0)"
+    if repair == "add":
+        return f"none: beta {config.beta} x (aligned - unaligned) added to the fine-tuned weights"
+    if repair == "prune":
+        return "none: the fine-tuned model's own weights are scored and pruned"
+    return "given" if given else f"amplified aligned adapter ({config.preset} preset)"
 
 
 def _human(n: float) -> str:
@@ -172,4 +187,6 @@ def format_plan(plan: dict[str, Any]) -> str:
     lines.append(f"estimate: peak memory ~{_human(est['peak_memory_bytes'])} (largest layer "
                  f"{_human(est['largest_layer_bytes'])}, activations {_human(est['activation_bytes'])}), "
                  f"reads ~{_human(est['base_read_bytes'])} of base, ~{est['seconds']:.0f} s (rough)")
+    if est.get("repair_flops"):
+        lines.append(f"{cfg['method']}: C dW costs {est['repair_flops'] / 1e12:.3g} TFLOP over the modules")
     return "\n".join(lines)
