@@ -20,6 +20,7 @@ evaluated from their bf16 weights, the LoRA ones exactly in fp32 (experiments/mo
     python benches/e2e_defences.py --from W/full-seeds0_1 W/full-seeds2 --seeds 0 --side-seeds 0 &
     python benches/e2e_defences.py --from W/full-seeds0_1 W/full-seeds2 --seeds 1 2 --side-seeds &
     python benches/e2e_defences.py --report-only --merge W/defences-seeds0 W/defences-seeds1_2
+    python benches/e2e_defences.py --check        # the tables of the results file and the README, recomputed
 
 The criteria of the comparison are fixed in benches/results/defences_smollm2.md before the run.
 """
@@ -175,15 +176,22 @@ TITLES = {"finetuned@p0.1": "fine-tuned (no repair)", "aligned": "aligned (befor
           "resta_dare/p0.3": "RESTA + DARE, β = 0.5, p = 0.3", "antidote/r0.1": "Antidote, prune ratio 0.1"}
 
 
-def report(folders: list[Path], out_md: Path) -> str:
+def collect(folders: list[Path]) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Every generation record and every arm's row (state.json) of the work folders."""
     recs: list[dict[str, Any]] = []
     rows: dict[str, dict[str, Any]] = {}
     for folder in folders:
         for f in sorted((folder / "gens").rglob("*.jsonl")):
             recs += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
         rows.update(json.loads((folder / "state.json").read_text())["arms"])
+    return recs, rows
+
+
+def render(recs: list[dict[str, Any]], rows: dict[str, dict[str, Any]]) -> tuple[str, str]:
+    """(the main table, the table of the settings either side), recomputed from the generations alone (the realign
+    times from the arms' rows)."""
     stats = arm_stats(recs)
-    seeds = sorted({s for s, _ in stats})
+    seeds = sorted({s for s, arm in stats if arm == NLSR})
     lines = ["| arm | harmful % (not refused), 95% CI | task %, 95% CI | vs NLSR paper: harmful pp, 95% CI | "
              "vs NLSR paper: task pp, 95% CI | realign s (median) |", "|---|---|---|---|---|---|"]
 
@@ -199,20 +207,38 @@ def report(folders: list[Path], out_md: Path) -> str:
         lines.append(f"| {TITLES[arm]} | {fmt_ci(p['not_refused_pct'], p['not_refused_ci'])} | "
                      f"{fmt_ci(p['task_acc'], p['task_ci'])} | {diff(arm, 'not_refused_vec')} | "
                      f"{diff(arm, 'task_vec')} | {f'{statistics.median(secs):.1f}' if secs else ''} |")
-    side = ["| arm (seed 0) | harmful % | task % | realign s |", "|---|---|---|---|"]
+    side = ["| arm (seed 0) | harmful %, 95% CI | task %, 95% CI | realign s |", "|---|---|---|---|"]
     for (seed, arm), s in sorted(stats.items()):
         if seed == 0 and arm not in ORDER:
             secs = rows.get(e2e.key(0, arm), {}).get("realign_s", "")
             side.append(f"| {arm} | {fmt_ci(s['not_refused_pct'], s['not_refused_ci'])} | "
                         f"{fmt_ci(s['task_acc'], s['task_ci'])} | {secs} |")
-    text = (f"Seeds {seeds}, {sum(1 for r in recs if r['kind'] == 'harmful' and r['arm'] == NLSR)} harmful prompts "
-            "and as many additions per arm pooled over them.\n\n" + "\n".join(lines) +
-            "\n\nOne setting either side of each default (seed 0 only):\n\n" + "\n".join(side) + "\n")
-    gz = out_md.with_name(out_md.stem + "_generations.jsonl.gz")
-    with gzip.open(gz, "wt") as f:
-        f.writelines(json.dumps(r) + "\n" for r in recs)
-    out_md.with_suffix(".json").write_text(json.dumps({"arms": rows}, indent=1) + "\n")
-    return text
+    return "\n".join(lines), "\n".join(side)
+
+
+def stored(results: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    gz = results.with_name(results.name + "_generations.jsonl.gz")
+    with gzip.open(gz, "rt") as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    return recs, json.loads(results.with_suffix(".json").read_text())["arms"]
+
+
+def save(recs: list[dict[str, Any]], rows: dict[str, dict[str, Any]], results: Path) -> None:
+    with gzip.open(results.with_name(results.name + "_generations.jsonl.gz"), "wt") as f:
+        f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in recs)
+    results.with_suffix(".json").write_text(json.dumps({"arms": rows}, indent=1, sort_keys=True) + "\n")
+
+
+def check(results: Path, readme: Path) -> list[str]:
+    """The tables in the results file and the README's main table, against the ones the stored generations give."""
+    main, side = render(*stored(results))
+    text, problems = results.with_suffix(".md").read_text(), []
+    for name, table in (("main", main), ("side", side)):
+        if table not in text:
+            problems.append(f"{results.with_suffix('.md')}: its {name} table is not the one the generations give")
+    if main not in readme.read_text():
+        problems.append(f"{readme}: its table of the defences is not the one the generations give")
+    return problems
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,13 +249,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--side-seeds", type=int, nargs="*", default=[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # e2e.Experiment reads it
-    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--report-only", action="store_true", help="store the generations of --merge, print the tables")
     ap.add_argument("--merge", nargs="*", default=[], help="with --report-only: the work folders to report")
+    ap.add_argument("--check", action="store_true", help="the results file's and the README's tables against the "
+                    "stored generations (exit 1 on a difference)")
     ap.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results" / "defences_smollm2")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.check:
+        problems = check(args.results, Path(__file__).resolve().parents[1] / "README.md")
+        print("\n".join(problems) or "every table as the stored generations give it")
+        return 1 if problems else 0
     if args.report_only:
-        print(report([Path(p) for p in args.merge], args.results.with_suffix(".md")))
+        recs, rows = collect([Path(p) for p in args.merge])
+        save(recs, rows, args.results)
+        print("\n\n".join(render(recs, rows)))
         return 0
     return run(args)
 
