@@ -11,7 +11,8 @@ held-out harmful prompts, each answer labelled by nlsr_fast.demo.judge; 100 held
   (NLSR's modules, the same number of entries per matrix, a random subset: experiments/controls.py);
 - `safelora` (LoRA mode; the 10 least similar modules), `resta` (β = 0.5, dense mode), `resta` + DARE (p = 0.3),
   `antidote` (prune ratio 0.1, dense mode: the paper's form, pruning the merged weights; its calibration is the
-  seed's calibration prompts with the attack's compliant answers, the harmful data Antidote scores on).
+  seed's calibration prompts with the attack's compliant answers, the harmful data Antidote scores on), and
+  `antidote` in LoRA mode (pruning the fine-tuned adapter's factors; added after the dense form's first results).
 
 The defaults run on every seed; one setting either side of each (NLSR s 0.7 / 0.9, safelora 5 / 20 modules, resta
 β 0.25 / 1, DARE p 0.1 / 0.5, antidote 0.05 / 0.2) on --side-seeds (seed 0: the CPU budget). Dense outputs are
@@ -55,7 +56,9 @@ NLSR = e2e.nlsr_arm(s=0.8, p=P)  # low_rank/paper/s0.8@p0.1
 DEFAULTS = (("safelora/count10", "safelora", {"count": 10}, "lora"),
             ("resta/beta0.5", "resta", {"beta": 0.5}, "dense"),
             ("resta_dare/p0.3", "resta", {"beta": 0.5, "dare_rate": 0.3}, "dense"),
-            ("antidote/r0.1", "antidote", {"prune_ratio": 0.1}, "dense"))
+            ("antidote/r0.1", "antidote", {"prune_ratio": 0.1}, "dense"),
+            # added after the first results, before it ran: the dense (paper) form broke the model on every seed
+            ("antidote_lora/r0.1", "antidote", {"prune_ratio": 0.1}, "lora"))
 SIDES = (("safelora/count5", "safelora", {"count": 5}, "lora"), ("safelora/count20", "safelora", {"count": 20}, "lora"),
          ("resta/beta0.25", "resta", {"beta": 0.25}, "dense"), ("resta/beta1", "resta", {"beta": 1.0}, "dense"),
          ("resta_dare/p0.1", "resta", {"beta": 0.5, "dare_rate": 0.1}, "dense"),
@@ -173,7 +176,8 @@ TITLES = {"finetuned@p0.1": "fine-tuned (no repair)", "aligned": "aligned (befor
           "low_rank/official/s0.8@p0.1": "NLSR `low_rank`, official preset, s = 0.8",
           "matched_control/m0/s0.8@p0.1": "matched random (NLSR's modules and counts)",
           "safelora/count10": "SafeLoRA, 10 modules", "resta/beta0.5": "RESTA, β = 0.5",
-          "resta_dare/p0.3": "RESTA + DARE, β = 0.5, p = 0.3", "antidote/r0.1": "Antidote, prune ratio 0.1"}
+          "resta_dare/p0.3": "RESTA + DARE, β = 0.5, p = 0.3", "antidote/r0.1": "Antidote, prune ratio 0.1",
+          "antidote_lora/r0.1": "Antidote on the adapter's factors (LoRA mode), 0.1"}
 
 
 def collect(folders: list[Path]) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
