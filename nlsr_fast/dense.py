@@ -25,7 +25,7 @@ from nlsr_fast.io.finite import NonFinite
 from nlsr_fast.io.stream import new_buffer, read_tensor
 from nlsr_fast.io.writer import PlannedShards
 from nlsr_fast.ops import PackedMask, extrapolate, masked_delta_cosine, row_topk_mask
-from nlsr_fast.pipeline.restore import masked_values, put_masked_values
+from nlsr_fast.pipeline.restore import changed_entries, masked_values, put_masked_values
 
 __all__ = ["DEFAULT_TARGETS", "DenseInput", "DenseSpace", "dense_targets", "copy_model_files"]
 
@@ -101,12 +101,6 @@ def adapter_factors(adapter: LoraAdapter, name: str,
     a = read_raw(adapter, m.key_a, nonfinite).float()
     b = read_raw(adapter, m.key_b, nonfinite).float()
     return (a.t(), b.t(), m.scale) if m.transposed else (a, b, m.scale)
-
-
-def changed_entries(new: torch.Tensor, old: torch.Tensor) -> int:
-    """How many entries of `new` differ bit for bit from `old` (same shape and dtype)."""
-    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[new.element_size()]
-    return int((new.view(as_int) != old.view(as_int)).sum())
 
 
 def read_base(base: CheckpointReader, key: str, nonfinite: NonFinite | None) -> torch.Tensor:
@@ -305,7 +299,7 @@ class DenseSpace:
             theta = combine(w_t[rows], w_a[rows], w_u[rows], beta=self.beta, rate=self.dare_rate or 0.0,
                             keep=None if keep is None else keep[rows], out=scratch[: min(step, d_out - r)])
             new[rows].copy_(theta)
-            changed += changed_entries(new[rows], w_t[rows])
+            changed += changed_entries(w_t[rows], new[rows])
         self.out.write(f"{name}.weight", new)
         return {name: changed}
 

@@ -156,15 +156,11 @@ def _check_projection(config: RealignConfig, inputs: Inputs) -> None:
         raise ValueError(f"method {config.method!r} projects on the aligned model's own change (V = W_aligned - "
                          "W_base); a reference (--reference) does not apply")
     if inputs.mode == "lora":
-        from nlsr_fast.lora import read_raw
+        from nlsr_fast.dense import adapter_factors
 
-        aligned = inputs.aligned
         for name in inputs.modules:
-            m = aligned.module(name)
-            a, b = (read_raw(aligned, k).double() for k in (m.key_a, m.key_b))
-            if m.transposed:
-                a, b = a.t(), b.t()
-            if float(((b.T @ b) * (a @ a.T)).sum()) <= 0.0:
+            a, b, _ = adapter_factors(inputs.aligned, name, None)
+            if float(safelora.change_norm(b, a)) == 0.0:
                 raise safelora.no_delta(name)
         return
     adapter = inputs.aligned.adapter  # dense mode from an aligned adapter: a module it does not adapt has V = 0

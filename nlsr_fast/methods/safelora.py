@@ -30,6 +30,12 @@ def no_delta(name: str) -> ValueError:
                       "changes it")
 
 
+def change_norm(left: Any, right: Any) -> Any:
+    """||left @ right||_F in fp64 from the two factors' r x r Grams (the d_out x d_in product is never formed)."""
+    left, right = left.double(), right.double()
+    return ((left.T @ left) * (right @ right.T)).sum().clamp_min(0).sqrt()
+
+
 def _cosine(inner: Any, norm2_a: Any, norm2_b: Any) -> float:
     """cos from an inner product and two squared norms (fp64); 1.0 when the fine-tuning change is zero."""
     if float(norm2_b) == 0.0:
@@ -53,7 +59,7 @@ def lora_projection(name: str, aligned: tuple[Any, Any], s_a: float, finetuned: 
     a_t, b_t = (t.to(device=a_a.device, dtype=torch.float64) for t in finetuned)
     gram_a, gram_b = a_a @ a_a.T, b_a.T @ b_a
     k = s_t * (b_a.T @ b_t) @ a_t - s_a * gram_b @ a_a
-    norm_v = (s_a * s_a * (gram_b * gram_a).sum()).clamp_min(0).sqrt()
+    norm_v = s_a * change_norm(b_a, a_a)
     if float(norm_v) == 0.0:
         raise no_delta(name)
     p = (s_a * s_a) * (gram_a @ k) / norm_v
@@ -101,7 +107,7 @@ def dense_lowrank_projection(name: str, left: Any, right: Any, w_a: Any, w_t: An
     import torch
 
     left, right = left.float(), right.float()
-    norm_v = ((left.T @ left).double() * (right @ right.T).double()).sum().clamp_min(0).sqrt()
+    norm_v = change_norm(left, right)
     if float(norm_v) == 0.0:
         raise no_delta(name)
     w_a32 = w_a.float()
