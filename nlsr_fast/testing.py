@@ -66,7 +66,7 @@ def make_tiny_llama(
     arch: str = "llama",
     with_tokenizer: bool = True,
 ) -> Path:
-    """A randomly initialised Llama/Mistral/Qwen2 checkpoint saved in several safetensors shards (+ tokenizer)."""
+    """A randomly initialised Llama/Mistral/Qwen2/Gemma 3 checkpoint saved in several safetensors shards (+ tokenizer)."""
     import transformers
 
     folder = Path(folder)
@@ -80,7 +80,13 @@ def make_tiny_llama(
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
     }[arch]
+    # Gemma 3's own traits, small enough to matter in short calibration sequences: a 4-token sliding window on all
+    # layers but every third, their own rotary bases, QK-norm, GeGLU, embeddings scaled and tied to the head.
+    gemma = dict(head_dim=hidden // heads, query_pre_attn_scalar=hidden // heads, sliding_window=4,
+                 layer_types=["full_attention" if i % 3 == 2 else "sliding_attention" for i in range(layers)],
+                 tie_word_embeddings=True) if arch == "gemma3_text" else dict(tie_word_embeddings=False)
     config = config_cls(
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -92,7 +98,7 @@ def make_tiny_llama(
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=3,
-        tie_word_embeddings=False,
+        **gemma,
     )
     torch.manual_seed(seed)
     model = model_cls(config).to(dtype)

@@ -56,6 +56,8 @@ def _response_logprobs(model: _Model, norm: nn.Module, w_head: torch.Tensor, bat
     """(b,) Σ over response targets of log p(token_t | tokens_<t), float32 (logits of position t-1 predict t)."""
     dev = model.device
     logits = F.linear(norm(h), w_head).to(torch.float32)  # (b, T, V)
+    if model.logit_softcap is not None:  # as Gemma3ForCausalLM does (a no-op for the other families)
+        logits = torch.tanh(logits / model.logit_softcap) * model.logit_softcap
     ids = batch.ids.to(dev)
     tgt = (batch.response & batch.valid).to(dev)[:, 1:]
     lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]

@@ -35,6 +35,7 @@ Padded positions never count: statistics and losses read response positions only
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import re
 from collections import Counter
@@ -53,8 +54,14 @@ if TYPE_CHECKING:  # the statistics containers the wrappers accumulate into (no 
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "DEFAULT_TOKENS_PER_BATCH", "Factors"]
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-_CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+#: config.json model_type → (transformers' module under transformers.models, the class-name prefix).
+_ARCHITECTURES = {
+    "llama": ("llama", "Llama"),
+    "mistral": ("mistral", "Mistral"),
+    "qwen2": ("qwen2", "Qwen2"),
+    "gemma3_text": ("gemma3", "Gemma3"),  # Gemma 3's text-only checkpoints (Gemma3ForCausalLM)
+}
+SUPPORTED_MODEL_TYPES = tuple(_ARCHITECTURES)
 DEFAULT_TOKENS_PER_BATCH = 8192
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _STR_DTYPES = {
@@ -182,13 +189,21 @@ class _Model:
 
         cfg.pop("model_type")
         self.config = AutoConfig.for_model(mt, **cfg)
+        if getattr(self.config, "attn_logit_softcapping", None) is not None:  # SDPA has no soft-capped attention
+            raise ValueError(f"model_type {mt!r} with attn_logit_softcapping is not supported by the calibration "
+                             "engine (Gemma 2 style attention); Gemma 3 checkpoints have none")
         self.config._attn_implementation = "sdpa"
         self.model_type = mt
-        mod = importlib.import_module(f"transformers.models.{mt}.modeling_{mt}")
-        prefix = _CLASS_PREFIX[mt]
+        module, prefix = _ARCHITECTURES[mt]
+        mod = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
         self.layer_cls = getattr(mod, f"{prefix}DecoderLayer")
         self.norm_cls = getattr(mod, f"{prefix}RMSNorm")
         self.rotary = getattr(mod, f"{prefix}RotaryEmbedding")(config=self.config).to(device)
+        # Gemma 3: each layer type has its own rotary base (local 10k, global 1M), and the rotary module takes it.
+        self._rope_by_layer_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
+        # Gemma 3 scales its embeddings by sqrt(hidden) (Gemma3TextScaledWordEmbedding) and may soft-cap its logits.
+        self._embed_scale = float(self.config.hidden_size) ** 0.5 if module == "gemma3" else None
+        self.logit_softcap = getattr(self.config, "final_logit_softcapping", None)
         self.reader = reader
         self.device = device
         self.n_layers = int(self.config.num_hidden_layers)
@@ -201,12 +216,19 @@ class _Model:
         if "model.embed_tokens.weight" not in self.keys:
             raise ValueError("base checkpoint has no 'model.embed_tokens.weight'")
         self.dtype = _as_dtype(dtype) if dtype is not None else _as_dtype(reader.dtype("model.embed_tokens.weight"))
-        self._rope_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope_cache: dict[tuple[int, str | None], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- pieces ------------------------------------------------------------------------------------------------------
 
     def embed(self) -> torch.Tensor:
         return self.reader.get("model.embed_tokens.weight").to(device=self.device, dtype=self.dtype)
+
+    def embed_scale(self) -> torch.Tensor | None:
+        """The factor the architecture multiplies embeddings by (None: 1), rounded into the forward dtype as
+        transformers rounds it."""
+        if self._embed_scale is None:
+            return None
+        return torch.tensor(self._embed_scale).to(device=self.device, dtype=self.dtype)
 
     def head(self) -> tuple[nn.Module, torch.Tensor]:
         """(final norm, lm_head weight (vocab, hidden)), loaded only for a loss."""
@@ -245,12 +267,15 @@ class _Model:
             return layer_types[idx] == "sliding_attention"
         return self.model_type == "mistral"
 
-    def rope(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if T not in self._rope_cache:
+    def rope(self, T: int, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for positions 0..T-1 of decoder layer `idx`."""
+        layer_type = self.config.layer_types[idx] if self._rope_by_layer_type else None
+        if (T, layer_type) not in self._rope_cache:
             pos = torch.arange(T, device=self.device)[None]
             probe = torch.empty(1, dtype=self.dtype, device=self.device)
-            self._rope_cache[T] = self.rotary(probe, pos)
-        return self._rope_cache[T]
+            args = (layer_type,) if self._rope_by_layer_type else ()
+            self._rope_cache[T, layer_type] = self.rotary(probe, pos, *args)
+        return self._rope_cache[T, layer_type]
 
 
 @dataclass
@@ -454,12 +479,13 @@ def _layer_forward(model: _Model, layer: nn.Module, idx: int, batch: _Batch, h: 
     T = h.shape[1]
     pos = torch.arange(T, device=dev)[None]
     return layer(h.to(dev), attention_mask=batch.attn_mask(window, dev), position_ids=pos,
-                 position_embeddings=model.rope(T))
+                 position_embeddings=model.rope(T, idx))
 
 
 def _embed_all(model: _Model, batches: list[_Batch]) -> list[torch.Tensor]:
-    w = model.embed()
-    hs = [F.embedding(b.ids.to(model.device), w).cpu() for b in batches]
+    w, scale = model.embed(), model.embed_scale()
+    hs = [F.embedding(b.ids.to(model.device), w) for b in batches]
+    hs = [(h if scale is None else h * scale).cpu() for h in hs]
     del w
     return hs
 

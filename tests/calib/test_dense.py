@@ -69,7 +69,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text"])
 def test_dense_statistics_match_hf_hooks(tiny_factory, arch):
     t = tiny_factory(arch)
     reader, changed = _reference(t)

@@ -27,7 +27,7 @@ def _check_stats(got, want, rtol=1e-5):
         _close(g.z_sq, w.z_sq, rtol, f"{n} z_sq")
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma3_text"])
 def test_statistics_match_hf_peft_hooks(tiny_factory, arch):
     t = tiny_factory(arch)
     peft = hf_peft_model(t.base, t.adapter, t.factors)
@@ -155,7 +155,7 @@ def test_snip_per_sample_differs_from_running(tiny):
     assert not torch.allclose(a[n][0], b[n][0])
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text"])
 def test_dpo_scores_match_autograd(tiny_factory, arch):
     t = tiny_factory(arch)
     peft = hf_peft_model(t.base, t.adapter, t.factors)
@@ -220,3 +220,54 @@ def test_gradient_scores_dpo_chunked_equal_unchunked(tiny_factory) -> None:
     for name, (ga, gb) in whole.items():
         torch.testing.assert_close(chunked[name][0], ga, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(chunked[name][1], gb, rtol=1e-5, atol=1e-6)
+
+
+def _gemma_copy(t, tmp_path, name: str, **config) -> object:
+    """A copy of the tiny Gemma 3 checkpoint with `config` entries changed."""
+    import json
+    import shutil
+
+    base = tmp_path / name
+    shutil.copytree(t.base, base)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg.update(config)
+    (base / "config.json").write_text(json.dumps(cfg))
+    return base
+
+
+def test_gemma3_traits_match_hf(tiny_factory, tmp_path):
+    """Gemma 3's sliding window (4 tokens on two of three layers), per-layer-type rotary bases, scaled and tied
+    embeddings and soft-capped logits: snip scores (forward, head and backward) match autograd on the HF model, and
+    each trait changes the numbers (so a match is not by luck)."""
+    t = tiny_factory("gemma3_text")
+    assert max(s.n_tokens for s in t.calib.samples) > 4
+    capped = _gemma_copy(t, tmp_path, "capped", final_logit_softcapping=0.5)
+    peft = hf_peft_model(capped, t.adapter, t.factors)
+    want = per_sample_grad_scores(peft, t.calib, "nll")
+    got = lora_gradient_scores(capped, t.factors, t.calib, loss="nll", micro_batch=3)
+    for n in want:
+        _close(got[n][0], want[n][0], 1e-4, f"{n} A")
+        _close(got[n][1], want[n][1], 1e-4, f"{n} B")
+    uncapped = lora_gradient_scores(t.reader(), t.factors, t.calib, loss="nll", micro_batch=3)
+    n = next(iter(want))
+    assert not torch.allclose(uncapped[n][0], got[n][0], rtol=1e-3)
+    # the window is in effect: a window longer than every sequence changes the statistics after layer 0
+    wide = _gemma_copy(t, tmp_path, "wide", sliding_window=512)
+    a = collect_lora_statistics(t.reader(), t.factors, t.calib, micro_batch=4)
+    b = collect_lora_statistics(wide, t.factors, t.calib, micro_batch=4)
+    n = [k for k in a if ".1." in k][0]
+    assert not torch.allclose(a[n].gram, b[n].gram, rtol=1e-4)
+    # and so are the two rotary bases: one base for both layer types changes them too
+    rope = {"rope_theta": 10000.0, "rope_type": "default"}
+    one_base = _gemma_copy(t, tmp_path, "one_base", rope_parameters={"full_attention": rope,
+                                                                      "sliding_attention": rope})
+    c = collect_lora_statistics(one_base, t.factors, t.calib, micro_batch=4)
+    n = [k for k in a if ".2.mlp" in k][0]  # the first full-attention layer's output feeds layer 2's MLP
+    assert not torch.allclose(a[n].gram, c[n].gram, rtol=1e-4)
+
+
+def test_gemma2_style_attention_softcap_is_refused(tiny_factory, tmp_path):
+    t = tiny_factory("gemma3_text")
+    base = _gemma_copy(t, tmp_path, "attn_cap", attn_logit_softcapping=50.0)
+    with pytest.raises(ValueError, match="attn_logit_softcapping"):
+        collect_lora_statistics(base, t.factors, t.calib)
