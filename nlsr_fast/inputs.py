@@ -141,6 +141,7 @@ def open_inputs(config: RealignConfig, base_p: Path, aligned_p: Path, ft_p: Path
     if config.method_spec.repair == "project":
         _check_projection(config, inputs)
     check_calibration_file(config, calib_p)
+    check_calibrated_architecture(config, base)
     return inputs
 
 
@@ -237,6 +238,20 @@ def check_calibration_file(config: RealignConfig, calib_p: Path | None) -> None:
         from nlsr_fast.calib.data import check_calibration_path
 
         check_calibration_path(calib_p)
+
+
+def check_calibrated_architecture(config: RealignConfig, base: Any) -> None:
+    """A method that calibrates runs the base model: its model_type must be one the calibration engine runs."""
+    if not config.method_spec.needs_calibration:
+        return
+    from nlsr_fast.calib import SUPPORTED_MODEL_TYPES
+
+    model_type = base.config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        free = [n for n, m in methods.METHODS.items() if not m.needs_calibration]
+        raise ValueError(f"base checkpoint {base.folder / 'config.json'}: model_type {model_type!r} is not one the "
+                         f"calibration engine runs ({', '.join(SUPPORTED_MODEL_TYPES)}), and method {config.method!r} "
+                         f"calibrates; the methods without calibration ({', '.join(free)}) work on any architecture")
 
 
 def load_calibration_for(config: RealignConfig, inputs: Inputs) -> Any:
