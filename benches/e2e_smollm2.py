@@ -215,7 +215,7 @@ def plan(cfg: dict[str, Any]) -> list[dict[str, Any]]:
 class Experiment:
     def __init__(self, args: argparse.Namespace, cfg: dict[str, Any], work: Path) -> None:
         self.args, self.cfg, self.work = args, cfg, work
-        self.base = convert_gguf(gguf_file(), Path(args.work) / "base-bf16", dtype="bfloat16")
+        self.base = convert_gguf(self.gguf(), Path(args.work) / "base-bf16", dtype="bfloat16")
         from transformers import AutoTokenizer
 
         self.tok = AutoTokenizer.from_pretrained(self.base)
@@ -232,6 +232,10 @@ class Experiment:
         self.state.setdefault("harmless", {})
         self._splits: dict[int, Any] = {}
         self.gens_dirs: dict[str, Path] = {}  # arm key -> generations folder, for arms merged from other folders
+
+    def gguf(self) -> Path:
+        """The base model's GGUF file (converted once into --work/base-bf16)."""
+        return gguf_file()
 
     def save(self) -> None:
         tmp = self.state_path.with_suffix(".tmp")
