@@ -137,8 +137,16 @@ def dense_targets(model: DenseInput, pattern: str) -> list[str]:
 
 class DenseModule(NamedTuple):
     w_t: torch.Tensor  # fine-tuned weight, output dtype
-    w_e: torch.Tensor  # reference weight, fp32
+    w_e: torch.Tensor  # reference weight, fp32 (safelora with an aligned adapter: W_a, the base's dtype)
     w_0: torch.Tensor  # base weight, stored dtype
+
+
+class LowRankOutput(NamedTuple):
+    """What pass 2 reads for a module safelora projects on an aligned adapter's change (W_0 + left @ Q)."""
+
+    w_t: torch.Tensor  # fine-tuned weight, output dtype (the changed entries are counted against it)
+    w_0: torch.Tensor  # base weight, stored dtype
+    left: torch.Tensor  # d_out x r, fp32: the aligned change is left @ right
 
 
 class DenseSpace:
@@ -174,6 +182,8 @@ class DenseSpace:
         self._module_set = set(targets)
         self.spec = methods.get(method, "dense")
         self.unaligned, self.beta, self.dare_rate = unaligned, beta, dare_rate
+        # safelora with an aligned adapter: a module's Q (pass 1's similarity) until restore_values stashes it
+        self._projected: dict[str, torch.Tensor] = {}
 
     def mask_keys(self, name: str) -> tuple[str]:
         return (name,)
@@ -195,7 +205,11 @@ class DenseSpace:
             return tuple(self.ft.shape(key))
         w_0 = read_base(self.base, key, self.nonfinite)
         w_t = self.ft.read(key, w_0)
-        w_e = self.reference_weight(key, w_0)
+        if self._lowrank(name):  # no fp32 copy: dense_lowrank_projection subtracts a few rows at a time in fp32
+            assert self.aligned is not None
+            w_e = self.aligned.read(key, w_0)
+        else:
+            w_e = self.reference_weight(key, w_0)
         return DenseModule(w_t.to(self.device), w_e.to(self.device), w_0.to(self.device))
 
     def score_tensor(self, loaded: DenseModule, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -250,7 +264,10 @@ class DenseSpace:
         if self.spec.repair == "add":
             return None
         if self.spec.repair == "project":  # safelora: the reference is the aligned model itself
-            return self.projection(name, loaded, weight=False)[1]
+            if not self._lowrank(name):
+                return self.projection(name, loaded)[1]
+            self._projected[name], cos = self.lowrank_projection(name, loaded)
+            return cos
 
         with logged_warnings():
             return masked_delta_cosine(loaded.w_t, loaded.w_e, masks[name].to(self.device), base=loaded.w_0,
@@ -258,8 +275,12 @@ class DenseSpace:
 
     def restore_values(self, name: str, loaded: DenseModule, masks: dict[str, PackedMask]) -> dict[str, torch.Tensor]:
         """W_e under the mask, cast to W_t's dtype (what restoration puts there), one block of rows at a time.
-        Nothing for prune (zeros) and project (the few chosen modules are projected again in pass 2: keeping every
-        module's projection would stash the whole model)."""
+        Nothing for prune (zeros). For project, safelora's Q (r x d_in fp32, about 2 r / d_out bytes per entry) when
+        the aligned model is an adapter, so pass 2 writes W_0 + left @ Q with one GEMM; nothing with a full aligned
+        checkpoint (the few chosen modules are projected again in pass 2: keeping every module's full-rank
+        projection would stash the whole model)."""
+        if self.spec.repair == "project" and name in self._projected:
+            return {name: self._projected.pop(name)}
         if self.spec.repair != "restore":
             return {}
         mask = masks[name].to(self.device)
@@ -303,17 +324,30 @@ class DenseSpace:
         self.out.write(f"{name}.weight", new)
         return {name: changed}
 
-    def projection(self, name: str, loaded: DenseModule, weight: bool = True) -> tuple[Any, float]:
-        """safelora's (W_a + C dW in fp32, cos(C dW, dW)) of a module from its loaded tensors (the reference is W_a):
-        through the aligned adapter's factors when the aligned model is one (V = s B A, rank r), else full rank."""
-        from nlsr_fast.methods.safelora import dense_lowrank_projection, dense_projection
+    def _lowrank(self, name: str) -> bool:
+        """Whether safelora projects module `name` on an aligned adapter's rank-r change (else full rank)."""
+        return (self.spec.repair == "project" and self.aligned is not None and self.aligned.adapter is not None
+                and name in self.aligned.adapter)
+
+    def projection(self, name: str, loaded: DenseModule) -> tuple[torch.Tensor, float]:
+        """safelora's (W_a + C dW in fp32, cos(C dW, dW)) of a module with a full aligned checkpoint (V full rank)
+        from its loaded tensors (the reference is W_a)."""
+        from nlsr_fast.methods.safelora import dense_projection
+
+        return dense_projection(name, loaded.w_e, loaded.w_0, loaded.w_t)
+
+    def lowrank_projection(self, name: str, loaded: DenseModule) -> tuple[torch.Tensor, float]:
+        """safelora's (Q, cos(C dW, dW)) of a module whose aligned change is an adapter's left @ right (rank r), so
+        W_a + C dW = W_0 + left @ Q; dW goes through a pooled fp32 buffer."""
+        from nlsr_fast.methods.safelora import dense_lowrank_projection
 
         assert self.aligned is not None
         factors = aligned_change(self.aligned.adapter, name, self.nonfinite)
-        if factors is None:
-            return dense_projection(name, loaded.w_e, loaded.w_0, loaded.w_t)
+        assert factors is not None, f"{name}: not adapted by the aligned adapter"
         left, right = (t.to(self.device) for t in factors)
-        return dense_lowrank_projection(name, left, right, loaded.w_e, loaded.w_t, weight=weight)
+        d_out, d_in = loaded.w_t.shape
+        dw = self._block(d_out, d_in, torch.float32) if self.device.type == "cpu" else None  # None: on the device
+        return dense_lowrank_projection(name, left, right, loaded.w_e, loaded.w_t, dw=dw)
 
     # -- file order (pass 1 reads in it) and pass 2: the output checkpoint ---------------------------------------
     def file_order(self, names: list[str]) -> list[str]:
@@ -325,9 +359,16 @@ class DenseSpace:
         targets = {f"{n}.weight" for n in self.modules}
         return [mine.get(k, k) for k in self.ft.keys() if k in mine or (rest and k not in targets)]
 
-    def load_output(self, item: str) -> Any:
+    def load_output(self, item: str, restored: bool = False) -> Any:
         if item in self._module_set and self.spec.repair == "add":  # resta reads its three models here, ahead
             return self.resta_inputs(item)
+        if item in self._module_set and restored and self._lowrank(item):  # safelora: W_0 + left @ Q in write_output
+            assert self.aligned is not None
+            key = f"{item}.weight"
+            w_0 = read_base(self.base, key, None)  # checked in pass 1, as the weight and the factors
+            factors = aligned_change(self.aligned.adapter, item)
+            assert factors is not None
+            return LowRankOutput(self.ft.read(key, w_0, checked=False), w_0, factors[0])
         if item in self._module_set:  # its weight was checked for non-finite values in pass 1
             return self.ft.read(f"{item}.weight", checked=False)
         replacement = self.rest.get(item, ("copy", None))[1]
@@ -339,17 +380,40 @@ class DenseSpace:
         key = f"{item}.weight" if item in self._module_set else item
         if self.spec.repair == "add" and item in self._module_set:
             return self.write_resta(item, loaded, masks)
+        if isinstance(loaded, LowRankOutput):
+            return self.write_lowrank(item, loaded, (values or {}).get(item))
         if masks is None or values is None:
             self.out.write(key, loaded)
             return {}
         out = self._block(loaded.shape[0], loaded.shape[1], loaded.dtype)
         value = values.get(item)
-        if value is None and self.spec.repair == "project":
+        if value is None and self.spec.repair == "project":  # full rank: projected again
             value = self.projection(item, self.load(item))[0].to(loaded.dtype).reshape(-1)
         elif value is None:  # prune: the masked entries become zero
             value = loaded.new_zeros(masks[item].count())
         new, changed = put_masked_values(loaded, masks[item], value, out=out, backend=self.backend)
         self.out.write(key, new)
+        return {item: changed}
+
+    def write_lowrank(self, item: str, loaded: LowRankOutput, q: torch.Tensor | None) -> dict[str, int]:
+        """safelora's W_0 + left @ Q of a chosen module (Q stashed by pass 1), rounded once into the output's dtype:
+        one rank-r GEMM, a block of rows at a time. A run resumed from a pass 1 that stashed no Q computes it
+        again."""
+        from nlsr_fast.methods.safelora import dense_lowrank_weight
+
+        assert self.out is not None
+        w_t, w_0, left = loaded.w_t, loaded.w_0.to(self.device), loaded.left.to(self.device)
+        if q is None:
+            q = self.lowrank_projection(item, self.load(item))[0]
+        d_out, d_in = w_t.shape
+        q = q.to(device=self.device, dtype=torch.float32).reshape(left.shape[1], d_in)
+        rows = min(_SCORE_ROWS, d_out)
+        scratch = (self._block(rows, d_in, torch.float32) if self.device.type == "cpu"
+                   else torch.empty((rows, d_in), dtype=torch.float32, device=self.device))
+        new = self._block(d_out, d_in, w_t.dtype)  # the output, on the CPU
+        dense_lowrank_weight(w_0, left, q, out=new, scratch=scratch)
+        changed = changed_entries(w_t, new)
+        self.out.write(f"{item}.weight", new)
         return {item: changed}
 
 

@@ -3,7 +3,7 @@
 pass 1  for each module, in the fine-tuned file's order (a reader thread loads the next module while this one is
           computed): inputs -> reference -> masks (written to masks.safetensors at once) -> similarity (a float);
           the values restoration would give the masked entries (the reference, in the output's dtype: about
-          (1 - s) x 2 bytes per entry) go to a stash
+          (1 - s) x 2 bytes per entry; safelora with an aligned adapter: its r x d_in Q) go to a stash
 select  N floats -> the restored set
 pass 2  every output tensor, in the output file's order: the fine-tuned tensor, with the stashed values put back
           under the mask where its module is restored; written once, so each output file is written front to back
@@ -70,8 +70,9 @@ class Space(Protocol):
         """What pass 2 writes, in the output files' order: the given modules, and with `rest` every output tensor
         that belongs to no module (by its key)."""
 
-    def load_output(self, item: str) -> Any:
-        """The fine-tuned tensors of output item `item` (a module, or a tensor that belongs to none)."""
+    def load_output(self, item: str, restored: bool = False) -> Any:
+        """The fine-tuned tensors of output item `item` (a module, or a tensor that belongs to none); for a restored
+        module (`restored`), also whatever else its repair reads (safelora's base weight, dense mode)."""
 
     def write_output(self, item: str, loaded: Any, masks: dict[str, PackedMask] | None,
                      values: dict[str, torch.Tensor] | None) -> dict[str, int]:
@@ -264,7 +265,7 @@ def execute(
         if item not in restored_set:
             return space.load_output(item), None, None
         masks = masks_file.read(list(space.mask_keys(item)))
-        return space.load_output(item), masks, {key: stash.get(rec) for key, rec in kept[item].items()}
+        return space.load_output(item, True), masks, {key: stash.get(rec) for key, rec in kept[item].items()}
 
     for done, (item, (loaded, masks, values)) in enumerate(prefetch(todo, load_output), start=1):
         got = space.write_output(item, loaded, masks, values)

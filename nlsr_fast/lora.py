@@ -166,7 +166,7 @@ class LoraSpace:
     def output_items(self, modules: list[str], rest: bool) -> list[str]:
         return self.file_order(list(modules) + (list(self.extras) if rest else []))
 
-    def load_output(self, item: str) -> Any:
+    def load_output(self, item: str, restored: bool = False) -> Any:
         if item in self.extras:
             replacement = self.extras[item][1]
             return replacement if replacement is not None else read_raw(self.ft, item, self.nonfinite)

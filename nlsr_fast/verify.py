@@ -629,7 +629,7 @@ def _check_dense(out: Path, report: dict[str, Any], records: list[dict[str, Any]
         else:
             from nlsr_fast.dense import aligned_change
             from nlsr_fast.io import LoraAdapter
-            from nlsr_fast.methods.safelora import dense_lowrank_projection, dense_projection
+            from nlsr_fast.methods.safelora import dense_lowrank_projection, dense_lowrank_weight, dense_projection
 
             recomputed, ft_model, al_reader, base_reader = True, ft, al_model, base_ck
             folder = paths["aligned"]
@@ -637,8 +637,9 @@ def _check_dense(out: Path, report: dict[str, Any], records: list[dict[str, Any]
 
             def reference(key: str) -> torch.Tensor:
                 factors = aligned_change(al_adapter, key[: -len(".weight")])
-                if factors is not None:  # the run projected on the adapter's rank-r change, as here
-                    return dense_lowrank_projection(key, *factors, al_reader(key), ft_model(key))[0]
+                if factors is not None:  # the run projected on the adapter's rank-r change: W_0 + left @ Q, as here
+                    q, _ = dense_lowrank_projection(key, *factors, al_reader(key), ft_model(key))
+                    return dense_lowrank_weight(base_reader.get(key), factors[0], q)
                 return dense_projection(key, al_reader(key), base_reader.get(key), ft_model(key))[0]
     elif "reference" in paths:
         ref_model = model("reference")

@@ -3,8 +3,9 @@
 Per module, V = W_aligned - W_base and dW = W_finetuned - W_aligned; C = V V^T / ||V||_F. The modules whose
 cos(C dW, dW) is lowest (the `count` least similar, 10 by default, or those under a threshold) get W_aligned + C dW;
 the others keep the fine-tuned weights (docs/algorithm.md §11). C is never formed at d_out x d_out beyond
-min(d_out, d_in)^2: in LoRA mode everything goes through r x r products of the factors, and in dense mode the product
-is taken in the order whose intermediate is the smaller square.
+min(d_out, d_in)^2: in LoRA mode everything goes through r x r products of the factors; in dense mode with an aligned
+adapter (V of rank r) through thin GEMMs with its factors, the weight as W_base + left (right + P) as in LoRA mode; with
+a full aligned checkpoint the product is taken in the order whose intermediate is the smaller square.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ CPU_FLOP_LIMIT = 2e14
 
 def dense_flops(d_out: int, d_in: int, rank: int | None = None) -> int:
     """FLOPs of C dW for one d_out x d_in module: two GEMMs through the min(d_out, d_in)^2 intermediate, or with an
-    aligned change of rank `rank` (an aligned adapter) two thin ones."""
+    aligned change of rank `rank` (an aligned adapter) two thin ones (K in pass 1, the weight in pass 2)."""
     return 4 * d_out * d_in * (min(d_out, d_in) if rank is None else rank)
 
 
@@ -99,25 +100,54 @@ def dense_projection(name: str, w_a: Any, w_0: Any, w_t: Any) -> tuple[Any, floa
 
 
 def dense_lowrank_projection(name: str, left: Any, right: Any, w_a: Any, w_t: Any,
-                             weight: bool = True) -> tuple[Any, float]:
-    """(W_aligned + C dW in fp32, or None without `weight`; cos(C dW, dW)) of a dense module whose aligned change is
-    V = left @ right (an aligned adapter's s B A: rank r). With K = left^T dW and P = (right right^T) K / ||V||_F,
-    C dW = left @ P: two rank-r GEMMs, 4 r d_out d_in FLOPs, instead of the full-rank route's two large ones; the
-    cosine needs only the first (pass 1), the weight the second (pass 2, the chosen modules)."""
+                             dw: Any = None) -> tuple[Any, float]:
+    """(Q, cos(C dW, dW)) of a dense module whose aligned change is V = left @ right (an aligned adapter's s B A:
+    rank r), from W_a (the merged weight) and W_t in any float dtype. With K = left^T dW and
+    P = (right right^T) K / ||V||_F, C dW = left @ P, so W_a + C dW = W_0 + left @ Q for Q = right + P (r x d_in,
+    fp32): LoRA mode's association, written by `dense_lowrank_weight` with one rank-r GEMM. Here one rank-r GEMM
+    (K, 2 r d_out d_in FLOPs); dW = W_t - W_a is formed in fp32 into `dw` (a d_out x d_in fp32 buffer, fresh when
+    None) a block of rows at a time, its squared norm summed in fp64 while the block is in cache; P is fp64 and Q is
+    rounded once to fp32."""
     import torch
 
     left, right = left.float(), right.float()
     norm_v = change_norm(left, right)
     if float(norm_v) == 0.0:
         raise no_delta(name)
-    w_a32 = w_a.float()
-    dw = w_t.float() - w_a32
-    k = left.T @ dw  # r x d_in
-    p = ((right @ right.T).double() @ k.double() / norm_v).float()
-    cos = _cosine(torch.sum(p.double() * k.double()), torch.sum(((left.T @ left).double() @ p.double()) * p.double()),
-                  _dot(dw, dw))
-    del dw
-    return (torch.addmm(w_a32, left, p) if weight else None), cos
+    d_out, d_in = w_t.shape
+    dw = torch.empty((d_out, d_in), dtype=torch.float32, device=w_t.device) if dw is None else dw
+    norm2_dw = torch.zeros((), dtype=torch.float64, device=w_t.device)
+    # 8 MiB blocks of fp32: in cache from the subtraction to the norm, and few enough that the time the two intra-op
+    # threads spend waiting for each other (the reader thread computes the next module meanwhile) stays small
+    step = max(1, 2**21 // d_in)
+    for r in range(0, d_out, step):
+        block = dw[r:r + step]
+        block.copy_(w_t[r:r + step]).sub_(w_a[r:r + step])  # fp32 arithmetic: bf16 -> fp32 is exact
+        norm2_dw += torch.linalg.vector_norm(block, dtype=torch.float64).square()
+    k = (left.T @ dw).double()  # r x d_in
+    p = (right @ right.T).double() @ k / norm_v
+    cos = _cosine(torch.sum(p * k), torch.sum(((left.T @ left).double() @ p) * p), norm2_dw)
+    return (right.double() + p).float(), cos
+
+
+def dense_lowrank_weight(w_0: Any, left: Any, q: Any, out: Any = None, scratch: Any = None) -> Any:
+    """W_0 + left @ q (left d_out x r and q r x d_in fp32), computed in fp32 and rounded once into `out` (fp32 when
+    None; the fine-tuned dtype in a run): one rank-r GEMM, 2 r d_out d_in FLOPs, a block of rows at a time through
+    `scratch` (an fp32 buffer of at least one row; 1024 rows when None), so the fp32 transient is one block."""
+    import torch
+
+    d_out, d_in = w_0.shape
+    out = torch.empty((d_out, d_in), dtype=torch.float32, device=w_0.device) if out is None else out
+    if scratch is None:
+        scratch = torch.empty((min(1024, d_out), d_in), dtype=torch.float32, device=w_0.device)
+    step = scratch.numel() // d_in
+    assert step > 0, f"scratch of {scratch.numel()} entries holds no row of {d_in}"
+    for r in range(0, d_out, step):
+        n = min(step, d_out - r)
+        block = scratch.reshape(-1)[: n * d_in].view(n, d_in)
+        block.copy_(w_0[r:r + n]).addmm_(left[r:r + n], q)
+        out[r:r + n].copy_(block)
+    return out
 
 
 def lora_masks(a: Any, b: Any, _: Any, **__: Any) -> tuple[Any, Any]:

@@ -410,3 +410,56 @@ def test_safelora_dense_on_adapters_projects_on_the_rank_r_change_as_lora_mode(w
         assert float(err) <= 1e-5 * float(want.abs().max()), name
     problems, _ = verify_summary(tmp_path / "d", base=world.base, aligned=world.aligned, finetuned=world.finetuned)
     assert problems == []
+
+
+def test_safelora_dense_on_an_aligned_adapter_follows_the_paper(dw: DenseWorld, tmp_path: Path,  # noqa: F811
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 inputs, the aligned model an adapter merged on the fly (the low-rank route: pass 2 writes W_0 + left @ Q
+    with Q stashed by pass 1), against the paper's formula in fp64 with C formed whole from V = s B A; a run whose
+    pass 1 stashed no Q (resumed from an older journal) writes the same bytes; verify finds a forged weight."""
+    from safetensors.torch import load_file, save_file
+
+    from nlsr_fast.dense import DenseSpace
+
+    out = tmp_path / "out"
+    rep = nlsr_fast.realign(dw.base, dw.adapter, dw.finetuned, out, mode="dense", method="safelora", count=5,
+                            quiet=True)
+    w0, wt, got, ad = _read(dw.base), _read(dw.finetuned), _read(out), LoraAdapter.load(dw.adapter)
+    wa = _read(testing.merge_adapter(tmp_path / "merged", dw.base, dw.adapter))  # the bf16 W_a that dW is taken from
+    records = {m.name: m for m in rep.modules}
+    sims, want = {}, {}
+    for name in records:
+        key = f"{name}.weight"
+        a, b = (t.double() for t in ad.factors(name))
+        v = ad.scale(name) * b @ a  # exactly rank r (the merge's rounding is not part of V)
+        projected, sims[name] = _safelora_delta(v, wt[key].double() - wa[key].double())
+        want[name] = w0[key].double() + v + projected  # W_a + C dW, W_a = W_0 + V
+        assert records[name].similarity == pytest.approx(sims[name], abs=1e-5), name
+    chosen = _chosen(sims, 5)
+    assert {n for n, r in records.items() if r.restored} == chosen
+    for key, t in wt.items():
+        name = key[: -len(".weight")]
+        if name not in chosen:
+            assert torch.equal(_bits(got[key]), _bits(t)), key
+            continue
+        e = want[name]  # one bf16 rounding of the fp32 result, plus fp32 round-off
+        assert ((got[key].double() - e).abs() <= 2.0**-8 * e.abs() + 1e-5 * e.abs().max()).all(), name
+        assert records[name].changed_a == int((_bits(got[key]) != _bits(t)).sum()) > 0
+    inputs = {"base": dw.base, "aligned": dw.adapter, "finetuned": dw.finetuned}
+    problems, checked = verify_summary(out, **inputs)
+    assert problems == [] and any("W_a + C dW recomputed" in c for c in checked)
+
+    monkeypatch.setattr(DenseSpace, "restore_values", lambda self, *args: {})  # no Q stashed: computed in pass 2
+    again = tmp_path / "again"
+    nlsr_fast.realign(dw.base, dw.adapter, dw.finetuned, again, mode="dense", method="safelora", count=5, quiet=True)
+    assert {p.name: p.read_bytes() for p in again.glob("model*.safetensors")} == {
+        p.name: p.read_bytes() for p in out.glob("model*.safetensors")}
+
+    name = sorted(chosen)[0]
+    shard = next(p for p in out.glob("model*.safetensors") if f"{name}.weight" in load_file(p))
+    tensors = load_file(shard)
+    tensors[f"{name}.weight"] = tensors[f"{name}.weight"] * 1.01
+    save_file(tensors, shard, metadata={"format": "pt"})
+    write_manifest(out)
+    problems, _ = verify_summary(out, **inputs)
+    assert any(f"module {name}:" in p and "masked entries differ" in p for p in problems), problems

@@ -81,6 +81,16 @@ def test_torchrun_dense_equals_one_process(dw: DenseWorld, tmp_path: Path, metho
     assert len(list((tmp_path / "two").glob("model-*.safetensors"))) > 2
 
 
+def test_torchrun_dense_safelora_on_an_aligned_adapter_equals_one_process(dw: DenseWorld,  # noqa: F811
+                                                                          tmp_path: Path) -> None:
+    # each process stashes the Q of its own modules in pass 1 and writes them in pass 2
+    nlsr_fast.realign(dw.base, dw.adapter, dw.finetuned, tmp_path / "one", method="safelora", count=8, quiet=True,
+                      max_shard_bytes=20_000)
+    _torchrun([str(dw.base), str(dw.adapter), str(dw.finetuned), str(tmp_path / "two"), "--method", "safelora",
+               "--count", "8", "--max-shard-bytes", "20000"], tmp_path)
+    _same(tmp_path / "one", tmp_path / "two")
+
+
 def test_torchrun_resta_with_dare_equals_one_process(dw: DenseWorld, tmp_path: Path) -> None:  # noqa: F811
     # each process draws DARE for its own modules: the draw depends on (seed, module) only
     nlsr_fast.realign(dw.base, dw.aligned, dw.finetuned, tmp_path / "one", method="resta", dare_rate=0.3, seed=3,

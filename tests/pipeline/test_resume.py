@@ -25,6 +25,7 @@ nlsr_fast.runs.CALIBRATION_CHECKPOINT_SECONDS = 0.0  # save after every layer (6
 target, n = sys.argv[1], int(sys.argv[2])
 owner, attr = {"pass1": (nlsr_fast.lora.LoraSpace, "restore_values"),  # once per module in pass 1
                "pass2": (nlsr_fast.lora.LoraSpace, "write_output"),  # once per output item in pass 2
+               "dense_pass1": (nlsr_fast.dense.DenseSpace, "restore_values"),
                "dense_pass2": (nlsr_fast.dense.DenseSpace, "write_output"),
                "calibration_layer": (rt._Model, "layer")}[target]
 original, calls = getattr(owner, attr), [0]
@@ -103,11 +104,27 @@ def test_dense_run_killed_in_pass2_resumes(dw: DenseWorld, tmp_path: Path) -> No
     _same_results(tmp_path / "whole", out)
 
 
+@pytest.mark.parametrize("target, n", [("dense_pass1", 5), ("dense_pass2", 0), ("dense_pass2", 4)])
+def test_safelora_dense_on_an_aligned_adapter_killed_resumes(dw: DenseWorld, tmp_path: Path,  # noqa: F811
+                                                             target: str, n: int) -> None:
+    # pass 1 stashes each module's Q (r x d_in) for pass 2's W_0 + left @ Q: killed in pass 1, between the passes
+    # (at pass 2's first write) or in pass 2, the resumed run reads back the Q of the journaled modules
+    options = {"method": "safelora", "count": 8, "max_shard_bytes": 20_000}
+    paths = [dw.base, dw.adapter, dw.finetuned]
+    nlsr_fast.realign(*paths, tmp_path / "whole", quiet=True, **options)
+    out = tmp_path / "out"
+    _killed_run(target, n, [*paths, out], options)
+    resumed = nlsr_fast.realign(*paths, out, quiet=True, **options)
+    assert resumed.counts["resumed_pass1"] == (n if target == "dense_pass1" else 14)
+    assert resumed.counts.get("resumed_pass2", 0) == (n if target == "dense_pass2" else 0)
+    _same_results(tmp_path / "whole", out)
+
+
 @pytest.mark.parametrize("method", ["safelora", "antidote", "resta"])
 def test_other_defences_killed_in_pass2_resume(world: World, dw: DenseWorld, tmp_path: Path,  # noqa: F811
                                                method: str) -> None:
-    # safelora recomputes its chosen dense modules in pass 2 (nothing stashed), antidote writes zeros there, resta
-    # reads its three models there (adapter inputs run in dense mode)
+    # safelora recomputes its chosen dense modules in pass 2 (a full aligned checkpoint: nothing stashed), antidote
+    # writes zeros there, resta reads its three models there (adapter inputs run in dense mode)
     options = {"safelora": {"method": method, "count": 8}, "resta": {"method": method, "dare_rate": 0.2},
                "antidote": {"method": method, "calibration": str(dw.calibration), "nsamples": 8}}[method]
     for mode, paths, target in (("dense", [dw.base, dw.aligned, dw.finetuned], "dense_pass2"),
