@@ -15,12 +15,14 @@ held-out harmful prompts, each answer labelled by nlsr_fast.demo.judge; 100 held
   `antidote` in LoRA mode (pruning the fine-tuned adapter's factors; added after the dense form's first results).
 
 The defaults run on every seed; one setting either side of each (NLSR s 0.7 / 0.9, safelora 5 / 20 modules, resta
-β 0.25 / 1, DARE p 0.1 / 0.5, antidote 0.05 / 0.2) on --side-seeds (seed 0: the CPU budget). Dense outputs are
-evaluated from their bf16 weights, the LoRA ones exactly in fp32 (experiments/model.SwapModel).
+β 0.25 / 1, DARE p 0.1 / 0.5, antidote 0.05 / 0.2) on --side-seeds (seed 0 first, seeds 1 and 2 added later). Dense
+outputs are evaluated from their bf16 weights, the LoRA ones exactly in fp32 (experiments/model.SwapModel).
 
     python benches/e2e_defences.py --from W/full-seeds0_1 W/full-seeds2 --seeds 0 --side-seeds 0 &
     python benches/e2e_defences.py --from W/full-seeds0_1 W/full-seeds2 --seeds 1 2 --side-seeds &
-    python benches/e2e_defences.py --report-only --merge W/defences-seeds0 W/defences-seeds1_2
+    python benches/e2e_defences.py --from W/full-seeds0_1 W/full-seeds2 --seeds --side-seeds 1 &   # and --side-seeds 2
+    python benches/e2e_defences.py --report-only --merge W/defences-seeds0 W/defences-seeds1_2 W/defences-seeds1 \
+        W/defences-seeds2
     python benches/e2e_defences.py --check        # the tables of the results file and the README, recomputed
 
 The criteria of the comparison are fixed in benches/results/defences_smollm2.md before the run.
@@ -152,18 +154,22 @@ class DefenceExperiment(e2e.Experiment):
         return self.evaluate(seed, item["arm"], None, scale, meta, weights=weights)
 
 
+    def run_plan(self, items: list[dict[str, Any]]) -> None:
+        """Every item not yet in the work folder's state, in order, each saved as it finishes (a rerun resumes)."""
+        for item in items:
+            k = e2e.key(item["seed"], item["arm"])
+            if k not in self.state["arms"]:
+                log.info("seed %d: %s", item["seed"], item["arm"])
+                self.state["arms"][k] = self.run_item(item)
+                self.save()
+
+
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     work = Path(args.work) / ("defences-seeds" + "_".join(map(str, sorted(set(args.seeds) | set(args.side_seeds)))))
     exp = DefenceExperiment(args, CFG, work)
     exp.link_inputs([Path(p) for p in args.sources], sorted(set(args.seeds) | set(args.side_seeds)))
-    for item in plan(args.seeds, args.side_seeds):
-        k = e2e.key(item["seed"], item["arm"])
-        if k in exp.state["arms"]:
-            continue
-        log.info("seed %d: %s", item["seed"], item["arm"])
-        exp.state["arms"][k] = exp.run_item(item)
-        exp.save()
+    exp.run_plan(plan(args.seeds, args.side_seeds))
     return 0
 
 
@@ -211,12 +217,17 @@ def render(recs: list[dict[str, Any]], rows: dict[str, dict[str, Any]]) -> tuple
         lines.append(f"| {TITLES[arm]} | {fmt_ci(p['not_refused_pct'], p['not_refused_ci'])} | "
                      f"{fmt_ci(p['task_acc'], p['task_ci'])} | {diff(arm, 'not_refused_vec')} | "
                      f"{diff(arm, 'task_vec')} | {f'{statistics.median(secs):.1f}' if secs else ''} |")
-    side = ["| arm (seed 0) | harmful %, 95% CI | task %, 95% CI | realign s |", "|---|---|---|---|"]
-    for (seed, arm), s in sorted(stats.items()):
-        if seed == 0 and arm not in ORDER:
-            secs = rows.get(e2e.key(0, arm), {}).get("realign_s", "")
-            side.append(f"| {arm} | {fmt_ci(s['not_refused_pct'], s['not_refused_ci'])} | "
-                        f"{fmt_ci(s['task_acc'], s['task_ci'])} | {secs} |")
+    side = ["| arm | seeds | harmful % (not refused), 95% CI | task %, 95% CI | vs NLSR paper: harmful pp, 95% CI | "
+            "vs NLSR paper: task pp, 95% CI | realign s (median) |", "|---|---|---|---|---|---|---|"]
+    for arm in sorted({arm for _, arm in stats} - set(ORDER)):  # the settings either side, on the seeds they ran
+        ran = sorted(s for s, a in stats if a == arm)
+        p = pooled(stats, arm, ran)
+        d = {f: paired(stats, arm, [NLSR], ran, field=f) for f in ("not_refused_vec", "task_vec")}
+        secs = [rows[e2e.key(s, arm)]["realign_s"] for s in ran if rows.get(e2e.key(s, arm), {}).get("realign_s")]
+        side.append(f"| {arm} | {', '.join(map(str, ran))} | {fmt_ci(p['not_refused_pct'], p['not_refused_ci'])} | "
+                    f"{fmt_ci(p['task_acc'], p['task_ci'])} | "
+                    + " | ".join("" if d[f] is None else fmt_ci(d[f]["diff"], (d[f]["lo"], d[f]["hi"])) for f in d)
+                    + f" | {f'{statistics.median(secs):.1f}' if secs else ''} |")
     return "\n".join(lines), "\n".join(side)
 
 
@@ -251,25 +262,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from", dest="sources", nargs="+", default=[], help="work folders of benches/e2e_smollm2.py")
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     ap.add_argument("--side-seeds", type=int, nargs="*", default=[0])
+    add_report_options(ap)
+    ap.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results" / "defences_smollm2")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    done = report(args, args.results)
+    return run(args) if done is None else done
+
+
+def add_report_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # e2e.Experiment reads it
     ap.add_argument("--report-only", action="store_true", help="store the generations of --merge, print the tables")
     ap.add_argument("--merge", nargs="*", default=[], help="with --report-only: the work folders to report")
     ap.add_argument("--check", action="store_true", help="the results file's and the README's tables against the "
                     "stored generations (exit 1 on a difference)")
-    ap.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results" / "defences_smollm2")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+
+def report(args: argparse.Namespace, results: Path) -> int | None:
+    """--check (the stored tables against their generations) or --report-only (store --merge's generations, print
+    the tables): the exit status; None when neither was asked."""
     if args.check:
-        problems = check(args.results, Path(__file__).resolve().parents[1] / "README.md")
+        problems = check(results, Path(__file__).resolve().parents[1] / "README.md")
         print("\n".join(problems) or "every table as the stored generations give it")
         return 1 if problems else 0
     if args.report_only:
         recs, rows = collect([Path(p) for p in args.merge])
-        save(recs, rows, args.results)
+        save(recs, rows, results)
         print("\n\n".join(render(recs, rows)))
         return 0
-    return run(args)
+    return None
 
 
 if __name__ == "__main__":

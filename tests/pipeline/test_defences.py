@@ -127,40 +127,32 @@ def _check_pruned(label: str, out_t: torch.Tensor, ft_t: torch.Tensor, score: to
     assert (lo >= hi * (1 - 1e-4)).all(), f"{label}: a pruned entry scores below a kept one"
 
 
-@pytest.mark.parametrize("ratio", [None, 0.25])
-def test_antidote_lora_follows_the_paper(world: World, tmp_path: Path, ratio: float | None) -> None:
+def check_antidote_lora(out: Path, base: Path, finetuned: Path, calibration: Path, nsamples: int,
+                        ratio: float) -> None:
+    """out's adapter is the fine-tuned one with the top `ratio` of each factor row by wanda score zeroed, the scores
+    from forward hooks on the fine-tuned model (the PEFT model of base + fine-tuned adapter)."""
     from nlsr_fast.calib.hf_reference import hf_peft_model, hook_statistics
 
-    out = tmp_path / "out"
-    extra = {} if ratio is None else {"prune_ratio": ratio}
-    rep = nlsr_fast.realign(world.base, world.aligned, world.finetuned, out, method="antidote", nsamples=16,
-                            calibration=world.calibration, quiet=True, **extra)
-    ratio = 0.1 if ratio is None else ratio
-    assert rep.config["prune_ratio"] == ratio and rep.config["selection"] == "all"
-    assert rep.counts["restored"] == rep.counts["modules"]
-    # The fine-tuned model's own activations (the PEFT model of base + fine-tuned adapter), from forward hooks.
-    stats = hook_statistics(hf_peft_model(world.base, world.finetuned), _calibration(world.base, world.calibration, 16))
-    ft, got = LoraAdapter.load(world.finetuned), LoraAdapter.load(out)
+    stats = hook_statistics(hf_peft_model(base, finetuned), _calibration(base, calibration, nsamples))
+    ft, got = LoraAdapter.load(finetuned), LoraAdapter.load(out)
     for name in ft.modules:
         st = stats[name]
         a_t, b_t = ft.factors(name)
         a_o, b_o = got.factors(name)
         _check_pruned(f"{name} A", a_o, a_t, a_t.double().abs() * (st.x_sq / st.n_samples).sqrt(), ratio)
         _check_pruned(f"{name} B", b_o, b_t, b_t.double().abs() * (st.z_sq / st.n_samples).sqrt(), ratio)
-    problems, checked = verify_summary(out, aligned=world.aligned, finetuned=world.finetuned)
-    assert problems == [] and "pruned entries are zero" in checked
 
 
-def test_antidote_dense_follows_the_paper(dw: DenseWorld, tmp_path: Path) -> None:  # noqa: F811
+def check_antidote_dense(out: Path, base: Path, finetuned: Path, calibration: Path, nsamples: int,
+                         targets: list[str]) -> None:
+    """out's checkpoint is the fine-tuned one with the top 0.1 of each target row by wanda score zeroed (scores from
+    forward hooks on the fine-tuned checkpoint's own forward: its norms and embeddings moved too), every other tensor
+    bit for bit."""
     from nlsr_fast.calib.hf_reference import dense_hook_statistics, hf_dense_model
 
-    out = tmp_path / "out"
-    rep = nlsr_fast.realign(dw.base, dw.aligned, dw.finetuned, out, method="antidote", calibration=dw.calibration,
-                            nsamples=8, calib_dtype="float32", quiet=True)
-    targets = [m.name for m in rep.modules]
-    # The fine-tuned checkpoint's own forward (every tensor of it: its norms and embeddings moved too).
-    stats = dense_hook_statistics(hf_dense_model(dw.finetuned), _calibration(dw.base, dw.calibration, 8), targets)
-    wt, got = _read(dw.finetuned), _read(out)
+    stats = dense_hook_statistics(hf_dense_model(finetuned), _calibration(base, calibration, nsamples), targets)
+    wt, got = _read(finetuned), _read(out)
+    assert set(got) == set(wt)
     for key, t in wt.items():
         name = key[: -len(".weight")]
         if name not in stats:
@@ -168,6 +160,27 @@ def test_antidote_dense_follows_the_paper(dw: DenseWorld, tmp_path: Path) -> Non
             continue
         st = stats[name]
         _check_pruned(name, got[key], t, t.double().abs() * (st.x_sq / st.n_samples).sqrt(), 0.1)
+
+
+@pytest.mark.parametrize("ratio", [None, 0.25])
+def test_antidote_lora_follows_the_paper(world: World, tmp_path: Path, ratio: float | None) -> None:
+    out = tmp_path / "out"
+    extra = {} if ratio is None else {"prune_ratio": ratio}
+    rep = nlsr_fast.realign(world.base, world.aligned, world.finetuned, out, method="antidote", nsamples=16,
+                            calibration=world.calibration, quiet=True, **extra)
+    ratio = 0.1 if ratio is None else ratio
+    assert rep.config["prune_ratio"] == ratio and rep.config["selection"] == "all"
+    assert rep.counts["restored"] == rep.counts["modules"]
+    check_antidote_lora(out, world.base, world.finetuned, world.calibration, 16, ratio)
+    problems, checked = verify_summary(out, aligned=world.aligned, finetuned=world.finetuned)
+    assert problems == [] and "pruned entries are zero" in checked
+
+
+def test_antidote_dense_follows_the_paper(dw: DenseWorld, tmp_path: Path) -> None:  # noqa: F811
+    out = tmp_path / "out"
+    rep = nlsr_fast.realign(dw.base, dw.aligned, dw.finetuned, out, method="antidote", calibration=dw.calibration,
+                            nsamples=8, calib_dtype="float32", quiet=True)
+    check_antidote_dense(out, dw.base, dw.finetuned, dw.calibration, 8, [m.name for m in rep.modules])
     problems, checked = verify_summary(out, base=dw.base, aligned=dw.aligned, finetuned=dw.finetuned)
     assert problems == [] and "pruned entries are zero" in checked
 
