@@ -249,7 +249,7 @@ def check(results: Path, readme: Path) -> list[str]:
     main, side = render(*stored(results))
     text, problems = results.with_suffix(".md").read_text(), []
     for name, table in (("main", main), ("side", side)):
-        if table not in text:
+        if table.count("\n") > 1 and table not in text:  # a table with rows (the side one may have none)
             problems.append(f"{results.with_suffix('.md')}: its {name} table is not the one the generations give")
     if main not in readme.read_text():
         problems.append(f"{readme}: its table of the defences is not the one the generations give")

@@ -17,8 +17,8 @@ aligned models, NLSR (`low_rank` s = 0.8, paper and official presets) and its ma
 modules, LoRA mode), RESTA (β = 0.5) and RESTA + DARE (p = 0.3) in dense mode, Antidote (0.1) in dense and LoRA mode.
 
     python benches/e2e_gemma3.py --pilot 3e-4                  # seed 0: align, one attack trajectory, checkpoints
-    python benches/e2e_gemma3.py --attack-steps N --attack-lr LR --seeds 0 &   # and beside it --seeds 1 2
-    python benches/e2e_gemma3.py --report-only --merge W/gemma3/seeds0 W/gemma3/seeds1_2
+    python benches/e2e_gemma3.py --attack-steps 8 --attack-lr 3e-4 --seeds 0 &   # and beside it --seeds 1, --seeds 2
+    python benches/e2e_gemma3.py --report-only --merge W/gemma3/seeds0 W/gemma3/seeds1 W/gemma3/seeds2
     python benches/e2e_gemma3.py --check                       # the tables, recomputed from the stored generations
 """
 
