@@ -153,7 +153,6 @@ class DefenceExperiment(e2e.Experiment):
         weights = {n: reader.get(n).float() for n in self.swap.w0}
         return self.evaluate(seed, item["arm"], None, scale, meta, weights=weights)
 
-
     def run_plan(self, items: list[dict[str, Any]]) -> None:
         """Every item not yet in the work folder's state, in order, each saved as it finishes (a rerun resumes)."""
         for item in items:
@@ -205,29 +204,28 @@ def render(recs: list[dict[str, Any]], rows: dict[str, dict[str, Any]]) -> tuple
     lines = ["| arm | harmful % (not refused), 95% CI | task %, 95% CI | vs NLSR paper: harmful pp, 95% CI | "
              "vs NLSR paper: task pp, 95% CI | realign s (median) |", "|---|---|---|---|---|---|"]
 
-    def diff(arm: str, field: str) -> str:
-        d = paired(stats, arm, [NLSR], seeds, field=field) if arm != NLSR else None
-        return "" if d is None else fmt_ci(d["diff"], (d["lo"], d["hi"]))
-
-    for arm in ORDER:
+    def cells(arm: str, seeds: list[int]) -> str | None:
+        """The row's cells after its name: pooled harmful % and task % over `seeds`, the paired differences to NLSR,
+        the median realign time; None when the arm did not run on every one of `seeds`."""
         p = pooled(stats, arm, seeds)
         if p is None:
-            continue
+            return None
+        diffs = [paired(stats, arm, [NLSR], seeds, field=f) if arm != NLSR else None
+                 for f in ("not_refused_vec", "task_vec")]
         secs = [r["realign_s"] for k, r in rows.items() if k.split("|", 1)[1] == arm and r.get("realign_s")]
-        lines.append(f"| {TITLES[arm]} | {fmt_ci(p['not_refused_pct'], p['not_refused_ci'])} | "
-                     f"{fmt_ci(p['task_acc'], p['task_ci'])} | {diff(arm, 'not_refused_vec')} | "
-                     f"{diff(arm, 'task_vec')} | {f'{statistics.median(secs):.1f}' if secs else ''} |")
+        return " | ".join([fmt_ci(p["not_refused_pct"], p["not_refused_ci"]), fmt_ci(p["task_acc"], p["task_ci"]),
+                           *("" if d is None else fmt_ci(d["diff"], (d["lo"], d["hi"])) for d in diffs),
+                           f"{statistics.median(secs):.1f}" if secs else ""])
+
+    for arm in ORDER:
+        row = cells(arm, seeds)
+        if row is not None:
+            lines.append(f"| {TITLES[arm]} | {row} |")
     side = ["| arm | seeds | harmful % (not refused), 95% CI | task %, 95% CI | vs NLSR paper: harmful pp, 95% CI | "
             "vs NLSR paper: task pp, 95% CI | realign s (median) |", "|---|---|---|---|---|---|---|"]
     for arm in sorted({arm for _, arm in stats} - set(ORDER)):  # the settings either side, on the seeds they ran
         ran = sorted(s for s, a in stats if a == arm)
-        p = pooled(stats, arm, ran)
-        d = {f: paired(stats, arm, [NLSR], ran, field=f) for f in ("not_refused_vec", "task_vec")}
-        secs = [rows[e2e.key(s, arm)]["realign_s"] for s in ran if rows.get(e2e.key(s, arm), {}).get("realign_s")]
-        side.append(f"| {arm} | {', '.join(map(str, ran))} | {fmt_ci(p['not_refused_pct'], p['not_refused_ci'])} | "
-                    f"{fmt_ci(p['task_acc'], p['task_ci'])} | "
-                    + " | ".join("" if d[f] is None else fmt_ci(d[f]["diff"], (d[f]["lo"], d[f]["hi"])) for f in d)
-                    + f" | {f'{statistics.median(secs):.1f}' if secs else ''} |")
+        side.append(f"| {arm} | {', '.join(map(str, ran))} | {cells(arm, ran)} |")
     return "\n".join(lines), "\n".join(side)
 
 

@@ -76,17 +76,23 @@ class GemmaExperiment(defences.DefenceExperiment):
     def harmless(self, part: int = 0) -> list[tuple[str, str]]:
         """The harmless requests with the TEACHER's answers (SmolLM2-135M-Instruct): the base model has none."""
         n, tag = self.cfg["n_harmless"], "" if part == 0 else f"_part{part}"
-        if not (self.work.parent / f"harmless_{n}_{self.cfg['harmless_tokens']}{tag}.json").exists():
+        if (self.work.parent / f"harmless_{n}_{self.cfg['harmless_tokens']}{tag}.json").exists():
+            return super().harmless(part)
+        swap, tok = self.swap, self.tok
+        self.swap, self.tok = self.teacher()
+        try:
+            return super().harmless(part)
+        finally:
+            self.swap, self.tok = swap, tok
+
+    def teacher(self) -> tuple[SwapModel, Any]:
+        """SmolLM2-135M-Instruct (model, tokenizer), converted and loaded once for both parts of the requests."""
+        if not hasattr(self, "_teacher"):
             from transformers import AutoTokenizer
 
-            teacher = convert_gguf(e2e.gguf_file(), Path(self.args.work) / "teacher-smollm2-bf16", dtype="bfloat16")
-            swap, tok = self.swap, self.tok
-            self.swap, self.tok = SwapModel(teacher), AutoTokenizer.from_pretrained(teacher)
-            try:
-                return super().harmless(part)
-            finally:
-                self.swap, self.tok = swap, tok
-        return super().harmless(part)
+            folder = convert_gguf(e2e.gguf_file(), Path(self.args.work) / "teacher-smollm2-bf16", dtype="bfloat16")
+            self._teacher = SwapModel(folder), AutoTokenizer.from_pretrained(folder)
+        return self._teacher
 
 
 def plan(seeds: list[int]) -> list[dict[str, Any]]:
