@@ -223,6 +223,12 @@ class DenseSpace:
         """A rows x cols scratch block from the run's buffer pool (a fresh one each block would be fresh pages)."""
         return new_buffer(rows * cols * dtype.itemsize).view(dtype).reshape(rows, cols)
 
+    def _work_block(self, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        """A rows x cols scratch block where the arithmetic runs: the pooled one on the CPU, a fresh one on a device."""
+        if self.device.type == "cpu":
+            return self._block(rows, cols, dtype)
+        return torch.empty((rows, cols), dtype=dtype, device=self.device)
+
     def masks(self, name: str, loaded: DenseModule) -> dict[str, PackedMask]:
         keep = 1.0 - self.sparsity
         spec = self.spec
@@ -346,7 +352,7 @@ class DenseSpace:
         assert factors is not None, f"{name}: not adapted by the aligned adapter"
         left, right = (t.to(self.device) for t in factors)
         d_out, d_in = loaded.w_t.shape
-        dw = self._block(d_out, d_in, torch.float32) if self.device.type == "cpu" else None  # None: on the device
+        dw = self._work_block(d_out, d_in, torch.float32)
         return dense_lowrank_projection(name, left, right, loaded.w_e, loaded.w_t, dw=dw)
 
     # -- file order (pass 1 reads in it) and pass 2: the output checkpoint ---------------------------------------
@@ -407,9 +413,7 @@ class DenseSpace:
             q = self.lowrank_projection(item, self.load(item))[0]
         d_out, d_in = w_t.shape
         q = q.to(device=self.device, dtype=torch.float32).reshape(left.shape[1], d_in)
-        rows = min(_SCORE_ROWS, d_out)
-        scratch = (self._block(rows, d_in, torch.float32) if self.device.type == "cpu"
-                   else torch.empty((rows, d_in), dtype=torch.float32, device=self.device))
+        scratch = self._work_block(min(_SCORE_ROWS, d_out), d_in, torch.float32)
         new = self._block(d_out, d_in, w_t.dtype)  # the output, on the CPU
         dense_lowrank_weight(w_0, left, q, out=new, scratch=scratch)
         changed = changed_entries(w_t, new)
