@@ -316,7 +316,21 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
                 "seconds": fit_line(xs, [d[tool]["seconds"] for _, d in below], unit="s"),
                 "peak_rss": fit_line(xs, [d[tool]["peak_rss"] / GB for _, d in below], unit="GB"),
             }
+            # Peak RSS is bounded by one step (a module and the one read ahead; one shard for the floor and for
+            # mergekit's mapped inputs), not by the depth: its slope is shown, its line not extended to 80 layers.
+            rss = fits[tool]["peak_rss"]
+            (xa, ya), (xb, yb) = rss["points"][-2:]
+            rss["last_two_slope"] = (yb - ya) / (xb - xa)
+            rss["largest"] = max(y for _, y in rss["points"])
+            rss["text"] = (f"least-squares slope {rss['slope']:.3f} GB/layer over "
+                           f"{', '.join(f'{x:g}' for x, _ in rss['points'])} layers "
+                           f"({rss['arithmetic'].split('; ')[1]}), between the two deepest ({yb:.3f} - {ya:.3f}) / "
+                           f"({xb:g} - {xa:g}) = {rss['last_two_slope']:.3f} GB/layer; the largest measured: "
+                           f"{rss['largest']:.2f} GB")
             at = dict(depths).get(TARGET)
+            if at is not None:
+                rss["measured_at_target"] = at[tool]["peak_rss"] / GB
+                rss["text"] += f"; measured at {TARGET} layers: {rss['measured_at_target']:.2f} GB"
             if at is not None:  # measured at 80 too: how far the line from the shallower depths lands
                 got = at[tool]["seconds"]
                 fits[tool]["seconds"]["measured_at_target"] = got
@@ -430,13 +444,13 @@ def format_markdown(result: dict[str, Any], plot: str | None = None) -> str:
         for tool in DENSE_TOOLS:
             if tool not in fits:
                 continue
-            for key in ("seconds", "peak_rss"):
-                fl = fits[tool][key]
-                extra = ""
-                if "measured_at_target" in fl:
-                    extra = (f" (measured at {TARGET}: {fl['measured_at_target']:.2f} s; the line from the shallower "
-                             f"depths is off by {fl['error'] * 100:+.1f}%)")
-                lines.append(f"- {tool} {key.replace('_', ' ')}: {fl['arithmetic']}{extra}")
+            fl = fits[tool]["seconds"]
+            extra = ""
+            if "measured_at_target" in fl:
+                extra = (f" (measured at {TARGET}: {fl['measured_at_target']:.2f} s; the line from the shallower "
+                         f"depths is off by {fl['error'] * 100:+.1f}%)")
+            lines.append(f"- {tool} seconds: {fl['arithmetic']}{extra}")
+            lines.append(f"- {tool} peak RSS: {fits[tool]['peak_rss']['text']}")
         if "ratio_at_target" in fits:
             lines.append(f"- nlsr_fast / floor at {TARGET} layers: {fits['nlsr_fast']['seconds']['value']:.1f} / "
                          f"{fits['floor']['seconds']['value']:.1f} = {fits['ratio_at_target']:.2f}x")
@@ -445,6 +459,13 @@ def format_markdown(result: dict[str, Any], plot: str | None = None) -> str:
                          f"{fits['mergekit']['seconds']['value']:.1f} = {fits['peer_ratio_at_target']:.2f}x")
         if mode == "dense":
             lines.append(f"- disk for one {TARGET}-layer dense run: {s['disk_at_target']['arithmetic']}")
+            lines.append(f"- peak RSS is not extended to {TARGET} layers as a line: nlsr_fast holds one module and the "
+                         "one read ahead whatever the depth (the README's 80-layer row gives its largest measured); "
+                         "the floor holds one shard (5 GB at most); mergekit's is mostly its mapped inputs, and no "
+                         f"{TARGET}-layer figure is claimed for it")
+        else:
+            lines.append("- peak RSS: nlsr_fast holds one module of each adapter; the floor loads both adapters whole, "
+                         "so its peak grows with depth")
         lines.append("")
     if s.get("bars"):
         lines += ["## Bars", "", "| bar | measured | limit | met |", "|---|---|---|---|"]
@@ -460,7 +481,20 @@ def format_markdown(result: dict[str, Any], plot: str | None = None) -> str:
 def readme_block(result: dict[str, Any], plot: str = "benches/results/scaling.png") -> str:
     """The README's Big models table and plot (between README_BEGIN and README_END), from the results JSON."""
     s = summarize(result)
-    lines = [README_BEGIN, "", f"![wall time and peak RSS against depth]({plot})", "",
+
+    def runs(mode: str) -> str:
+        meta = (result.get(mode) or {}).get("meta") or {}
+        r = meta.get("repeat", 0)
+        how = f"medians of {r} runs" if r > 1 else "one run"
+        return f"{'LoRA' if mode == 'lora' else mode} {how} ({meta.get('date', '?')})"
+
+    machine = next((result[m]["meta"]["machine"] for m in ("dense", "lora") if result.get(m)), "")
+    cpus = next((part for part in machine.split(", ") if part.endswith("CPUs")), "?")
+    lines = [README_BEGIN, "",
+             "Wall time and peak RSS of the whole process against depth, the floor and mergekit in the same runs "
+             "(`python -m benches.bench_scaling`: each phase a fresh process, page cache dropped before it, `sync` "
+             f"inside its timed window; {'; '.join(runs(m) for m in ('dense', 'lora') if result.get(m))}; "
+             f"{cpus}):", "", f"![wall time and peak RSS against depth]({plot})", "",
              "| mode | layers | I/O floor s | nlsr_fast s | mergekit s | nlsr_fast / floor | nlsr_fast / mergekit | "
              "peak RSS GB nlsr_fast | mergekit |", "|---|---|---|---|---|---|---|---|---|"]
     for mode in ("dense", "lora"):
@@ -475,26 +509,35 @@ def readme_block(result: dict[str, Any], plot: str = "benches/results/scaling.pn
         if fits and TARGET not in dict(_measured(result.get(mode))):
             mk = fits.get("mergekit")
             mk_s, mk_r, mk_rss = ((_s(mk["seconds"]["value"]), f"{fits['peer_ratio_at_target']:.2f}x",
-                                   f"{mk['peak_rss']['value']:.2f}") if mk else ("—", "—", "—"))
+                                   "—") if mk else ("—", "—", "—"))
             lines.append(f"| {mode} | {TARGET} (line) | {_s(fits['floor']['seconds']['value'])} | "
                          f"{_s(fits['nlsr_fast']['seconds']['value'])} | {mk_s} | {fits['ratio_at_target']:.2f}x | "
-                         f"{mk_r} | {fits['nlsr_fast']['peak_rss']['value']:.2f} | {mk_rss} |")
+                         f"{mk_r} | ~{fits['nlsr_fast']['peak_rss']['largest']:.2f} | {mk_rss} |")
     lines.append("")
     fits = s.get("dense")
     if fits:
         n, f = fits["nlsr_fast"]["seconds"], fits["floor"]["seconds"]
-        lines.append(f"The {TARGET}-layer rows are least-squares lines through the measured depths: dense nlsr_fast "
+        lines.append(f"The dense {TARGET}-layer row comes from least-squares lines through the measured depths: "
+                     f"nlsr_fast "
                      f"{n['intercept']:.1f} + {n['slope']:.2f} s/layer x {TARGET} = {n['value']:.0f} s, the floor "
                      f"{f['intercept']:.1f} + {f['slope']:.2f} x {TARGET} = {f['value']:.0f} s"
                      + (f", mergekit {fits['mergekit']['seconds']['intercept']:.1f} + "
                         f"{fits['mergekit']['seconds']['slope']:.2f} x {TARGET} = "
-                        f"{fits['mergekit']['seconds']['value']:.0f} s" if "mergekit" in fits else "") + ".")
+                        f"{fits['mergekit']['seconds']['value']:.0f} s" if "mergekit" in fits else "") + ". "
+                     "nlsr_fast's peak RSS is not a line in depth (one module and the one read ahead): the row gives "
+                     "the largest measured; mergekit's is not extrapolated"
+                     + (" (its anonymous part went " + " → ".join(f"{d['mergekit']['peak_anon'] / GB:.2f}"
+                                                                  for _, d in _measured(result['dense']))
+                        + " GB over " + ", ".join(str(L) for L, _ in _measured(result['dense'])) + " layers)"
+                        if "mergekit" in fits else "") + ".")
         skipped = sorted(int(k) for k in (result["dense"].get("skipped") or {}))
         if skipped:
             sk = result["dense"]["skipped"][str(skipped[0])]
-            lines.append(f"Dense at {', '.join(map(str, skipped))} layers did not fit this machine's disk "
-                         f"(3 inputs + 1 output of {sk['checkpoint_bytes'] / GB:.2f} GB each, "
-                         f"{sk['free_bytes'] / GB:.0f} GB free).")
+            per = sk["checkpoint_bytes"] / GB
+            need = 4.1 * per + mc.HEADROOM / GB
+            lines.append(f"Dense at {', '.join(map(str, skipped))} layers did not fit this machine's disk: 3 inputs "
+                         f"x {per:.2f} GB + one output ~1.1 x {per:.2f} GB + {mc.HEADROOM / GB:.0f} GB headroom = "
+                         f"{need:.1f} GB, {sk['free_bytes'] / GB:.1f} GB free.")
     lora_fit = (s.get("lora") or {}).get("nlsr_fast", {}).get("seconds")
     if lora_fit:
         depths = ", ".join(f"{p[0]:g}" for p in lora_fit["points"])
@@ -526,13 +569,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 if not pts:
                     continue
                 color, marker = style[tool]
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, linestyle="none",
-                        label=tool)
+                # Time: points and the least-squares line; peak RSS (not a line in depth): points joined.
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color,
+                        linestyle="none" if key == "seconds" else ":", label=tool)
                 fl = (s.get(mode) or {}).get(tool, {}).get(key)
-                if fl:
+                if fl and key == "seconds":
                     xs = [min(p[0] for p in pts), max(p[0] for p in pts)]
                     ax.plot(xs, [fl["intercept"] + fl["slope"] * x for x in xs], color=color, linewidth=1,
-                            label=f"{tool} fit: {fl['slope']:.2f}/layer")
+                            label=f"{tool} least squares: {fl['slope']:.2f} s/layer")
             ax.set_xlabel("decoder layers")
             ax.set_ylabel(unit)
             ax.set_title(f"{label}: {unit.split(',')[0]}")
