@@ -64,6 +64,11 @@ _ARCHITECTURES = {
 SUPPORTED_MODEL_TYPES = tuple(_ARCHITECTURES)
 DEFAULT_TOKENS_PER_BATCH = 8192
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+#: The linear whose output feeds nothing but the decoder layer's output (through the residual add, and Gemma 3's
+#: post-feedforward norm), in every architecture of _ARCHITECTURES: a statistics-only forward may skip it.
+OUTPUT_ONLY_LINEAR = "mlp.down_proj"
+#: The decoder layer's last block (attribute of the layer), whose output feeds nothing but the layer's output.
+OUTPUT_ONLY_BLOCK = "mlp"
 _STR_DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "F32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "BF16": torch.bfloat16,
@@ -101,6 +106,37 @@ class _Ctx:
         self.collect = False  # accumulate statistics
         self.capture = False  # keep inputs and output-grads for per-sample factor gradients
         self.token_mask: torch.Tensor | None = None  # (b, T) bool, response positions
+        # Sequences of the micro-batch that hold response positions, when `token_mask` is not the micro-batch's own
+        # (a `_ResponseRowsMLP` runs on its response rows gathered as one sequence); None: counted from token_mask.
+        self.n_sequences: int | None = None
+        # Statistics only: the layer's output is thrown away, so a `_LoraLinear` with `output_unused` set (the one
+        # whose output feeds nothing but the layer's output) returns zeros instead of computing it.
+        self.stats_only = False
+        # The input the last `_accumulate` saw (and its version), its response rows and their Σ x²: q, k and v, and
+        # gate and up, are called on one input tensor, gathered and squared once. The tensor is held, so the identity
+        # test cannot match a new tensor at a recycled address.
+        self._shared: tuple[torch.Tensor, int, torch.Tensor, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def response_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x[token_mask] (N, d_in), Σ_t x_t² over those rows as float64 (d_in,)), computed once per input tensor."""
+        assert self.token_mask is not None
+        shared = self._shared
+        if shared is not None and shared[0] is x and shared[1] == x._version:
+            return shared[2], shared[3]
+        xs = x.detach()[self.token_mask]  # (N, d_in)
+        x_sq = xs.to(torch.float32).square().sum(0, dtype=torch.float64)
+        self._shared = (x, x._version, xs, x_sq)
+        return xs, x_sq
+
+    def sequences(self) -> int:
+        """Sequences of the current micro-batch with response positions."""
+        assert self.token_mask is not None
+        return self.n_sequences if self.n_sequences is not None else int(self.token_mask.any(1).sum())
+
+    def end_batch(self) -> None:
+        """Forget the shared input (after each micro-batch of a collecting pass)."""
+        self._shared = None
 
 
 class _LoraLinear(nn.Module):
@@ -114,6 +150,7 @@ class _LoraLinear(nn.Module):
         self.ctx = ctx
         self.scale = float(scale)
         self.stats = stats
+        self.output_unused = False  # see _Ctx.stats_only
         self.set_factors(A, B)
         self.captured: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._grad_out: torch.Tensor | None = None
@@ -129,14 +166,23 @@ class _LoraLinear(nn.Module):
         self.B32 = B.to(device=w.device, dtype=torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         ctx = self.ctx
+        if ctx.stats_only and self.output_unused and ctx.adapter_on and not torch.is_grad_enabled():
+            z = F.linear(x, self.A)
+            if ctx.collect:
+                self._accumulate(x, z)
+            # A broadcast zero, never materialised: nothing reads this output but the discarded layer output.
+            return x.new_zeros(()).expand(*x.shape[:-1], self.base.out_features)
+        y = self.base(x)
         if not ctx.adapter_on:
             return y
         z = F.linear(x, self.A)
-        out = y + self.scale * F.linear(z, self.B)
+        if torch.is_grad_enabled():
+            out = y + self.scale * F.linear(z, self.B)
+        else:  # the same two roundings, in place: no (tokens, d_out) temporaries
+            out = y.add_(F.linear(z, self.B).mul_(self.scale))
         if ctx.collect:
-            self._accumulate(x.detach(), z.detach())
+            self._accumulate(x, z.detach())
         if ctx.capture and out.requires_grad:
             self.captured.append((x.detach(), z.detach()))
             out.register_hook(self._store_grad)
@@ -149,7 +195,7 @@ class _LoraLinear(nn.Module):
     def _accumulate(self, x: torch.Tensor, z: torch.Tensor) -> None:
         assert self.stats is not None and self.ctx.token_mask is not None
         mask = self.ctx.token_mask
-        xs = x[mask]  # (N, d_in)
+        xs, x_sq = self.ctx.response_rows(x)  # (N, d_in), (d_in,)
         if z.dtype in (torch.float32, torch.float64):
             zs = z[mask].to(torch.float64)
         else:  # low-precision forward: statistics from an fp32 product, as docs/algorithm.md §3 asks for fp32 or wider
@@ -157,9 +203,9 @@ class _LoraLinear(nn.Module):
         st = self.stats
         st.gram += zs.T @ zs
         st.z_sq += zs.square().sum(0)
-        st.x_sq += xs.to(torch.float32).square().sum(0, dtype=torch.float64)
+        st.x_sq += x_sq
         st.n_tokens += int(xs.shape[0])
-        st.n_samples += int(mask.any(1).sum())
+        st.n_samples += self.ctx.sequences()
 
     def per_sample_grads(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(∂/∂A (b, r, d_in), ∂/∂B (b, d_out, r)) per sequence of the last captured micro-batch, float32."""
@@ -174,6 +220,34 @@ class _LoraLinear(nn.Module):
         self.captured.clear()
         self._grad_out = None
         return ga, gb
+
+
+class _ResponseRowsMLP(nn.Module):
+    """A decoder layer's MLP for a statistics-only forward: the MLP runs on the response rows only, and returns a
+    broadcast zero.
+
+    The MLP is the last block of every decoder layer of _ARCHITECTURES; when the layer's output is thrown away
+    (`_Ctx.stats_only`), its only use is the statistics of its linears, which read response rows only. The rows are
+    gathered in the order `x[token_mask]` gives them, which is the order the full forward's statistics read them in.
+    """
+
+    def __init__(self, mlp: nn.Module, ctx: _Ctx) -> None:
+        super().__init__()
+        self.mlp = mlp
+        self.ctx = ctx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.ctx.token_mask
+        assert mask is not None
+        rows = x[mask][None]  # (1, N, hidden)
+        ctx = self.ctx
+        ctx.n_sequences = int(mask.any(1).sum())
+        ctx.token_mask = torch.ones(rows.shape[:2], dtype=torch.bool, device=mask.device)
+        try:
+            self.mlp(rows)
+        finally:
+            ctx.token_mask, ctx.n_sequences = mask, None
+        return x.new_zeros(()).expand(x.shape)
 
 
 class _Model:
@@ -360,7 +434,7 @@ class _DenseTap(nn.Module):
         out = self.base(x)
         ctx = self.ctx
         if ctx.collect:
-            self._accumulate(x.detach())
+            self._accumulate(x)
         if ctx.capture and out.requires_grad:
             self.captured.append(x.detach())
             out.register_hook(self._store_grad)
@@ -372,12 +446,11 @@ class _DenseTap(nn.Module):
     @torch.no_grad()
     def _accumulate(self, x: torch.Tensor) -> None:
         assert self.stats is not None and self.ctx.token_mask is not None
-        mask = self.ctx.token_mask
-        xs = x[mask]  # (N, d_in)
+        xs, x_sq = self.ctx.response_rows(x)  # (N, d_in), (d_in,)
         st = self.stats
-        st.x_sq += xs.to(torch.float32).square().sum(0, dtype=torch.float64)
+        st.x_sq += x_sq
         st.n_tokens += int(xs.shape[0])
-        st.n_samples += int(mask.any(1).sum())
+        st.n_samples += self.ctx.sequences()
 
     def take_captured(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(input x (b, T, d_in), output gradient g (b, T, d_out)) of the last captured micro-batch, in the forward

@@ -17,6 +17,8 @@ import torch
 
 from nlsr_fast.calib.data import CalibrationSet
 from nlsr_fast.calib.runtime import (
+    OUTPUT_ONLY_BLOCK,
+    OUTPUT_ONLY_LINEAR,
     Factors,
     _Ctx,
     _embed_all,
@@ -26,6 +28,7 @@ from nlsr_fast.calib.runtime import (
     _Model,
     _modules_by_layer,
     _open_reader,
+    _ResponseRowsMLP,
     _targets_by_layer,
     _wrap,
     _wrap_dense,
@@ -140,14 +143,27 @@ def collect_lora_statistics(
         layer = model.layer(idx)
         stats = _new_stats(factors, names, device)
         mods = _wrap(layer, idx, factors, names, ctx, stats)
+        # Sequential: this forward only gathers statistics (the outputs are recomputed with the new factors below),
+        # so the MLP runs on the response rows only and its output-only linear is skipped; the inputs of every
+        # linear at the response rows, and so the statistics, are the same.
+        tail = mods.get(f"model.layers.{idx}.{OUTPUT_ONLY_LINEAR}")
+        if tail is not None:
+            tail.output_unused = True
+        block = getattr(layer, OUTPUT_ONLY_BLOCK, None) if sequential else None
+        if block is not None:
+            setattr(layer, OUTPUT_ONLY_BLOCK, _ResponseRowsMLP(block, ctx))
         with torch.no_grad():
-            ctx.collect = True
+            ctx.collect, ctx.stats_only = True, sequential
             for bi, batch in enumerate(batches):
                 ctx.token_mask = batch.response.to(device)
                 out = _layer_forward(model, layer, idx, batch, hs[bi])
+                ctx.end_batch()
                 if not sequential:
                     hs[bi] = out.cpu()
-            ctx.collect, ctx.token_mask = False, None
+                del out
+            ctx.collect, ctx.stats_only, ctx.token_mask = False, False, None
+            if block is not None:
+                setattr(layer, OUTPUT_ONLY_BLOCK, block)
             if sequential:
                 assert transform is not None
                 layer_stats = _stats_to_cpu(stats)
@@ -217,6 +233,7 @@ def collect_dense_statistics(
             for bi, batch in enumerate(batches):
                 ctx.token_mask = batch.response.to(device)
                 hs[bi] = _layer_forward(model, layer, idx, batch, hs[bi]).cpu()
+                ctx.end_batch()
             ctx.collect, ctx.token_mask = False, None
         for n, st in stats.items():
             result[n] = DenseStats(st.x_sq.cpu(), st.n_tokens, st.n_samples)
