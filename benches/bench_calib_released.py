@@ -353,6 +353,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ratio": t_rel / t_ours,
         "bar": args.bar,
         "variants": variants,
+        "note": args.note,
         "mask_comparison": comparison,
     }
 
@@ -378,6 +379,7 @@ def write_results(result: dict[str, Any], prefix: Path) -> None:
            if r["git"]["library_files_modified"] else "")
         + f", {r['machine']['cpu']}, {r['machine']['cores']} cores. Written by `benches/bench_calib_released.py`.",
         "",
+        *([r["note"], ""] if r.get("note") else []),
         f"SmolLM2-135M-Instruct (bf16 folder), the official-preset reference adapter (r = 16, seven projections), "
         f"{r['inputs']['nsamples']} calibration samples, s = {r['inputs']['sparsity']}. Whole processes, spawn to "
         f"exit, alternating; medians of {len(ours['runs'])} (nlsr_fast) and {len(rel['runs'])} (released).",
@@ -405,10 +407,23 @@ def write_results(result: dict[str, Any], prefix: Path) -> None:
                      f"{c['masks_differing']} |")
     for name, c in r["mask_comparison"].items():
         diff = {k: v for k, v in c["per_mask"].items() if v["differ"]}
-        if diff:
-            lines += ["", f"Differing entries per mask ({name}):", ""]
-            lines += [f"- `{k}`: {v['differ']} of {v['entries']} (kept: ours {v['kept_ours']}, released "
-                      f"{v['kept_released']})" for k, v in diff.items()]
+        if not diff:
+            continue
+        by_kind: dict[str, list[int]] = {}
+        for k, v in c["per_mask"].items():
+            kind = ".".join(k.split(".")[-3:])  # e.g. self_attn.q_proj.lora_A
+            agg = by_kind.setdefault(kind, [0, 0, 0])
+            agg[0] += v["differ"]
+            agg[1] += v["entries"]
+            agg[2] += 1 if v["differ"] else 0
+        lines += ["", f"Differing entries by module kind, over all layers ({name}):", "",
+                  "| module kind | differing entries | entries | masks with a difference |", "|---|---|---|---|"]
+        lines += [f"| `{k}` | {a[0]} | {a[1]} | {a[2]} |" for k, a in sorted(by_kind.items())]
+        worst = sorted(diff.items(), key=lambda kv: -kv[1]["differ"])[:5]
+        lines += ["", "The masks with the most differing entries: " + "; ".join(
+            f"`{k}` {v['differ']} of {v['entries']}" for k, v in worst) + ". Every mask keeps the same count on both "
+            "sides" + ("" if all(v["kept_ours"] == v["kept_released"] for v in c["per_mask"].values())
+                       else " except some (see the JSON file)") + "."]
     lines += ["", "Per-mask counts for every mask are in the JSON file.", "", "## Released code", "",
               f"{r['released_code']['repository']} at {r['released_code']['commit']}, files "
               f"{', '.join(r['released_code']['files'])} of `src/prune_regions/`, exported to a scratch folder with "
@@ -450,7 +465,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--compare", nargs=2, metavar=("MASKS", "RELEASED_PT"),
                    help="compare nlsr_fast's masks.safetensors with the released code's mask_bottom_<s>.pt, print "
                         "the comparison as JSON, then stop")
+    p.add_argument("--note", help="a line for the results file (what this run is)")
+    p.add_argument("--render", metavar="PREFIX", help="rewrite PREFIX.md from PREFIX.json, then stop")
     args = p.parse_args(argv)
+    if args.render:
+        write_results(json.loads(Path(args.render).with_suffix(".json").read_text()), Path(args.render))
+        return 0
     if args.compare:
         print(json.dumps(compare_masks(our_masks(Path(args.compare[0])), released_masks(Path(args.compare[1]))),
                          indent=1))
