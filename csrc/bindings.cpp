@@ -78,17 +78,18 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "lora_masked_cosine",
       [](ptr a_t, int a_t_dtype, ptr a_e, int a_e_dtype, ptr b_t, int b_t_dtype, ptr b_e, int b_e_dtype, ptr mask_a,
-         ptr mask_b, int64_t r, int64_t d_in, int64_t d_out) -> Sums {
+         ptr mask_b, int64_t r, int64_t d_in, int64_t d_out, float e_scale) -> Sums {
         double s[3];
         nlsr::lora_masked_cosine(s, as<const void>(a_t), dt(a_t_dtype), as<const void>(a_e), dt(a_e_dtype),
                                  as<const void>(b_t), dt(b_t_dtype), as<const void>(b_e), dt(b_e_dtype),
-                                 as<const uint8_t>(mask_a), as<const uint8_t>(mask_b), r, d_in, d_out);
+                                 as<const uint8_t>(mask_a), as<const uint8_t>(mask_b), r, d_in, d_out, e_scale);
         return {s[0], s[1], s[2]};
       },
       py::arg("a_t"), py::arg("a_t_dtype"), py::arg("a_e"), py::arg("a_e_dtype"), py::arg("b_t"),
       py::arg("b_t_dtype"), py::arg("b_e"), py::arg("b_e_dtype"), py::arg("mask_a"), py::arg("mask_b"), py::arg("r"),
-      py::arg("d_in"), py::arg("d_out"), py::call_guard<py::gil_scoped_release>(),
-      "(<W_t, W_e>_F, |W_t|_F^2, |W_e|_F^2) of W_x = (M_B*B_x)(M_A*A_x) through r x r Grams, fp64 sums.");
+      py::arg("d_in"), py::arg("d_out"), py::arg("e_scale"), py::call_guard<py::gil_scoped_release>(),
+      "(<W_t, W_e>_F, |W_t|_F^2, |W_e|_F^2) of W_x = (M_B*B_x)(M_A*A_x), the reference's factors times e_scale, "
+      "through r x r Grams, fp64 sums.");
 
   m.def(
       "row_topk_mask",

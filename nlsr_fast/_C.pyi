@@ -40,8 +40,10 @@ def lora_masked_cosine(
     r: int,
     d_in: int,
     d_out: int,
+    e_scale: float,
 ) -> tuple[float, float, float]:
-    """(<W_t, W_e>_F, |W_t|_F^2, |W_e|_F^2) of W_x = (M_B*B_x)(M_A*A_x), through r x r Grams."""
+    """(<W_t, W_e>_F, |W_t|_F^2, |W_e|_F^2) of W_x = (M_B*B_x)(M_A*A_x), the reference's factors times e_scale,
+    through r x r Grams."""
 
 def row_topk_mask(
     bits: int,

@@ -20,7 +20,7 @@ from nlsr_fast.io import LoraAdapter
 from nlsr_fast.io.finite import NonFinite
 from nlsr_fast.io.stream import PlannedSafetensors, read_tensor
 from nlsr_fast.ops import PackedMask
-from nlsr_fast.pipeline.amplify import amplify
+from nlsr_fast.pipeline.amplify import amplification, scaled
 from nlsr_fast.pipeline.restore import masked_values, put_masked_values
 from nlsr_fast.pipeline.score import masks_from_statistics
 from nlsr_fast.pipeline.similarity import similarity
@@ -35,9 +35,24 @@ EXTRA_POLICIES = ("refuse", "restore", "keep")
 _SAVED_WRAPPER = re.compile(r"\.(modules_to_save|original_module)(\.[^.]+)?(?=\.)")
 
 
+class Reference(NamedTuple):
+    """A module's reference: `scale` times each stored factor, in fp32 (docs/algorithm.md §2).
+
+    Kept as stored so that no fp32 copy of the adapter is made: the similarity kernel applies the scale as it reads
+    the factors, and restoration scales the masked entries only; both give the bits of `fp32()`.
+    """
+
+    a: torch.Tensor  # A (r, d_in), stored dtype, on the device
+    b: torch.Tensor  # B (d_out, r)
+    scale: float  # the amplification factor; 1.0 for a ready reference
+
+    def fp32(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return scaled(self.a, self.scale), scaled(self.b, self.scale)
+
+
 class LoraModuleTensors(NamedTuple):
     ft: tuple[torch.Tensor, torch.Tensor]  # A_t (r, d_in), B_t (d_out, r), stored dtype, on the device
-    ref: tuple[torch.Tensor, torch.Tensor]  # A_e, B_e fp32 on the device
+    ref: Reference
 
 
 def lora_mask_keys(name: str) -> tuple[str, str]:
@@ -87,24 +102,26 @@ class LoraSpace:
         self.extras = extras or {}
         self.modules: list[str] = ft.modules
         self.spec = methods.get(method, "lora")
+        self.ref_scale = 1.0 if amplify_alpha is None else amplification(amplify_alpha, preset)
         self._projected: dict[str, torch.Tensor] = {}  # safelora: a module's output A, from pass 1's similarity
 
     def mask_keys(self, name: str) -> tuple[str, str]:
         return lora_mask_keys(name)
 
     # -- inputs ---------------------------------------------------------------------------------------------------
-    def reference(self, name: str, raw: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A_e, B_e (fp32, on the device) from the source's stored factors of `name`."""
+    def reference(self, name: str, raw: tuple[torch.Tensor, torch.Tensor]) -> Reference:
+        """The reference of `name` from the source's stored factors (on the device, not yet scaled)."""
         a, b = self._oriented(self.source, name, raw)
-        a, b = a.to(self.device), b.to(self.device)
-        if self.amplify_alpha is None:
-            return a.float(), b.float()
-        return amplify({name: (a, b)}, self.amplify_alpha, self.preset)[name]
+        return Reference(a.to(self.device), b.to(self.device), self.ref_scale)
 
-    def load_reference(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_reference(self, name: str) -> Reference:
         src = self.source.module(name)
         return self.reference(name, (read_raw(self.source, src.key_a, self.nonfinite),
                                      read_raw(self.source, src.key_b, self.nonfinite)))
+
+    def load_reference(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A_e, B_e of `name` in fp32, on the device."""
+        return self.read_reference(name).fp32()
 
     def load_finetuned(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A_t, B_t (stored dtype, on the device) of `name`, read and checked."""
@@ -114,7 +131,7 @@ class LoraSpace:
         return a_t.to(self.device), b_t.to(self.device)
 
     def load(self, name: str) -> LoraModuleTensors:
-        return LoraModuleTensors(self.load_finetuned(name), self.load_reference(name))
+        return LoraModuleTensors(self.load_finetuned(name), self.read_reference(name))
 
     @staticmethod
     def _oriented(adapter: LoraAdapter, name: str, raw: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor,
@@ -127,20 +144,21 @@ class LoraSpace:
         if self.spec.needs_calibration:
             raise AssertionError(f"masks of method {self.method!r} are computed by calibration before pass 1")
         # Each mask has its own stream (seed, mask key): no other module is drawn, whatever the order or process.
-        got = masks_from_statistics(self.method, {name: loaded.ref}, sparsity=self.sparsity, preset=self.preset,
-                                    seed=self.seed, backend=self.backend)[name]
+        # A method without calibration draws its masks from the shapes (random, safelora): the stored factors serve.
+        got = masks_from_statistics(self.method, {name: loaded.ref[:2]}, sparsity=self.sparsity,
+                                    preset=self.preset, seed=self.seed, backend=self.backend)[name]
         return dict(zip(lora_mask_keys(name), got, strict=True))
 
     def similarity(self, name: str, loaded: LoraModuleTensors, masks: dict[str, PackedMask]) -> float:
         if self.spec.repair == "project":  # safelora: the reference is the aligned adapter itself
             from nlsr_fast.methods.safelora import lora_projection
 
-            self._projected[name], cos = lora_projection(name, loaded.ref, self.source.scale(name), loaded.ft,
-                                                         self.ft.scale(name))
+            self._projected[name], cos = lora_projection(name, loaded.ref.fp32(), self.source.scale(name),
+                                                         loaded.ft, self.ft.scale(name))
             return cos
         key_a, key_b = lora_mask_keys(name)
-        return similarity({name: loaded.ft}, {name: loaded.ref}, {name: (masks[key_a], masks[key_b])},
-                          backend=self.backend, warn=False)[name]
+        return similarity({name: loaded.ft}, {name: loaded.ref[:2]}, {name: (masks[key_a], masks[key_b])},
+                          ref_scale=loaded.ref.scale, backend=self.backend, warn=False)[name]
 
     def restore_values(self, name: str, loaded: LoraModuleTensors,
                        masks: dict[str, PackedMask]) -> dict[str, torch.Tensor]:
@@ -152,9 +170,10 @@ class LoraSpace:
         if self.spec.repair == "project":
             a_t, b_t = loaded.ft
             return {key_a: self._projected.pop(name).to(a_t.dtype).reshape(-1),
-                    key_b: loaded.ref[1].to(b_t.dtype).reshape(-1)}
-        return {key: masked_values(e.to(t.dtype), masks[key], backend=self.backend)
-                for key, t, e in zip((key_a, key_b), loaded.ft, loaded.ref, strict=True)}
+                    key_b: scaled(loaded.ref.b, loaded.ref.scale).to(b_t.dtype).reshape(-1)}
+        # The stored entries under the mask, then scaled and cast: elementwise, the bits of fp32() cast and gathered.
+        return {key: scaled(masked_values(e, masks[key], backend=self.backend), loaded.ref.scale).to(t.dtype)
+                for key, t, e in zip((key_a, key_b), loaded.ft, loaded.ref[:2], strict=True)}
 
     # -- file order (pass 1 reads in it) and pass 2: the output adapter ------------------------------------------
     def file_order(self, items: list[str]) -> list[str]:

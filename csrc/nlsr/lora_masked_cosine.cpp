@@ -100,21 +100,22 @@ NLSR_AVX512 void tile_avx512(const float* P, int64_t mp, int64_t kb, int64_t p0,
 // k0 is a multiple of 8, so each row's mask bits for the block start on a byte boundary.
 template <class D>
 void pack_rows_portable(float* P, int64_t mp, const typename D::T* A, const uint8_t* mask, int64_t rows, int64_t d,
-                        int64_t p_off, int64_t k0, int64_t kb) {
+                        int64_t p_off, int64_t k0, int64_t kb, float scale) {
   const int64_t row_bytes = (d + 7) / 8;
   for (int64_t p = 0; p < rows; ++p) {
     const typename D::T* a = A + p * d + k0;
     const uint8_t* m = mask + p * row_bytes + k0 / 8;
     for (int64_t kk = 0; kk < kb; ++kk) {
-      if ((m[kk >> 3] >> (kk & 7)) & 1) P[kk * mp + p_off + p] = D::load(a + kk);
+      if ((m[kk >> 3] >> (kk & 7)) & 1) P[kk * mp + p_off + p] = D::load(a + kk) * scale;
     }
   }
 }
 
 template <class D>
 NLSR_AVX512 void pack_rows_avx512(float* P, int64_t mp, const typename D::T* A, const uint8_t* mask, int64_t rows,
-                                  int64_t d, int64_t p_off, int64_t k0, int64_t kb) {
+                                  int64_t d, int64_t p_off, int64_t k0, int64_t kb, float scale) {
   const int64_t row_bytes = (d + 7) / 8;
+  const __m512 s = _mm512_set1_ps(scale);
   const __m512i stride = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32(static_cast<int>(mp)));
   for (int64_t p = 0; p < rows; ++p) {
@@ -125,7 +126,7 @@ NLSR_AVX512 void pack_rows_avx512(float* P, int64_t mp, const typename D::T* A, 
       const __mmask16 k = static_cast<__mmask16>(load_bits(m + kk / 8, (n + 7) / 8) & ((1u << n) - 1u));
       if (k == 0) continue;
       // The transpose: lane l goes to P[kk + l][p_off + p]; only set lanes are written (P is zeroed).
-      _mm512_mask_i32scatter_ps(P + kk * mp + p_off + p, k, stride, avx512::maskz_load<D>(k, a + kk), 4);
+      _mm512_mask_i32scatter_ps(P + kk * mp + p_off + p, k, stride, _mm512_mul_ps(avx512::maskz_load<D>(k, a + kk), s), 4);
     }
   }
 }
@@ -133,22 +134,23 @@ NLSR_AVX512 void pack_rows_avx512(float* P, int64_t mp, const typename D::T* A, 
 // B factor (K x r, row-major, the Gram contracts over the K rows): P[kk][p_off + p] = m(k0 + kk, p) * B[k0 + kk][p].
 template <class D>
 void pack_cols_portable(float* P, int64_t mp, const typename D::T* B, const uint8_t* mask, int64_t r, int64_t p_off,
-                        int64_t k0, int64_t kb) {
+                        int64_t k0, int64_t kb, float scale) {
   const int64_t row_bytes = (r + 7) / 8;
   for (int64_t kk = 0; kk < kb; ++kk) {
     const typename D::T* b = B + (k0 + kk) * r;
     const uint8_t* m = mask + (k0 + kk) * row_bytes;
     float* dst = P + kk * mp + p_off;
     for (int64_t p = 0; p < r; ++p) {
-      if ((m[p >> 3] >> (p & 7)) & 1) dst[p] = D::load(b + p);
+      if ((m[p >> 3] >> (p & 7)) & 1) dst[p] = D::load(b + p) * scale;
     }
   }
 }
 
 template <class D>
 NLSR_AVX512 void pack_cols_avx512(float* P, int64_t mp, const typename D::T* B, const uint8_t* mask, int64_t r,
-                                  int64_t p_off, int64_t k0, int64_t kb) {
+                                  int64_t p_off, int64_t k0, int64_t kb, float scale) {
   const int64_t row_bytes = (r + 7) / 8;
+  const __m512 s = _mm512_set1_ps(scale);
   for (int64_t kk = 0; kk < kb; ++kk) {
     const typename D::T* b = B + (k0 + kk) * r;
     const uint8_t* m = mask + (k0 + kk) * row_bytes;
@@ -156,7 +158,7 @@ NLSR_AVX512 void pack_cols_avx512(float* P, int64_t mp, const typename D::T* B, 
     for (int64_t p = 0; p < r; p += 16) {
       const int64_t n = std::min<int64_t>(16, r - p);
       const __mmask16 k = static_cast<__mmask16>(load_bits(m + p / 8, (n + 7) / 8) & ((1u << n) - 1u));
-      _mm512_mask_storeu_ps(dst + p, k, avx512::maskz_load<D>(k, b + p));
+      _mm512_mask_storeu_ps(dst + p, k, _mm512_mul_ps(avx512::maskz_load<D>(k, b + p), s));
     }
   }
 }
@@ -225,37 +227,37 @@ void gram(double* G, int64_t m, int64_t mp, int64_t K, const Pack& pack) {
 
 template <class D>
 void pack_rows(float* P, int64_t mp, const void* A, const uint8_t* mask, int64_t rows, int64_t d, int64_t p_off,
-               int64_t k0, int64_t kb, Isa isa) {
+               int64_t k0, int64_t kb, float scale, Isa isa) {
   const auto* a = static_cast<const typename D::T*>(A);
-  if (isa == Isa::kAvx512) pack_rows_avx512<D>(P, mp, a, mask, rows, d, p_off, k0, kb);
-  else pack_rows_portable<D>(P, mp, a, mask, rows, d, p_off, k0, kb);
+  if (isa == Isa::kAvx512) pack_rows_avx512<D>(P, mp, a, mask, rows, d, p_off, k0, kb, scale);
+  else pack_rows_portable<D>(P, mp, a, mask, rows, d, p_off, k0, kb, scale);
 }
 
 template <class D>
 void pack_cols(float* P, int64_t mp, const void* B, const uint8_t* mask, int64_t r, int64_t p_off, int64_t k0,
-               int64_t kb, Isa isa) {
+               int64_t kb, float scale, Isa isa) {
   const auto* b = static_cast<const typename D::T*>(B);
-  if (isa == Isa::kAvx512) pack_cols_avx512<D>(P, mp, b, mask, r, p_off, k0, kb);
-  else pack_cols_portable<D>(P, mp, b, mask, r, p_off, k0, kb);
+  if (isa == Isa::kAvx512) pack_cols_avx512<D>(P, mp, b, mask, r, p_off, k0, kb, scale);
+  else pack_cols_portable<D>(P, mp, b, mask, r, p_off, k0, kb, scale);
 }
 
 }  // namespace
 
 void lora_masked_cosine(double sums[3], const void* a_t, DType a_t_dtype, const void* a_e, DType a_e_dtype,
                         const void* b_t, DType b_t_dtype, const void* b_e, DType b_e_dtype, const uint8_t* mask_a,
-                        const uint8_t* mask_b, int64_t r, int64_t d_in, int64_t d_out) {
+                        const uint8_t* mask_b, int64_t r, int64_t d_in, int64_t d_out, float e_scale) {
   const int64_t m = 2 * r;
   const int64_t mp = (m + kTileQ - 1) / kTileQ * kTileQ;
   std::vector<double> ga(static_cast<size_t>(mp * mp), 0.0), gb(static_cast<size_t>(mp * mp), 0.0);
   // A side: rows of [A_t'; A_e'], contracted over d_in.
   gram(ga.data(), m, mp, d_in, [&](float* P, int64_t k0, int64_t kb, Isa isa) {
-    dispatch_dtype(a_t_dtype, [&](auto d) { pack_rows<decltype(d)>(P, mp, a_t, mask_a, r, d_in, 0, k0, kb, isa); });
-    dispatch_dtype(a_e_dtype, [&](auto d) { pack_rows<decltype(d)>(P, mp, a_e, mask_a, r, d_in, r, k0, kb, isa); });
+    dispatch_dtype(a_t_dtype, [&](auto d) { pack_rows<decltype(d)>(P, mp, a_t, mask_a, r, d_in, 0, k0, kb, 1.0f, isa); });
+    dispatch_dtype(a_e_dtype, [&](auto d) { pack_rows<decltype(d)>(P, mp, a_e, mask_a, r, d_in, r, k0, kb, e_scale, isa); });
   });
   // B side: columns of [B_t' | B_e'], contracted over d_out.
   gram(gb.data(), m, mp, d_out, [&](float* P, int64_t k0, int64_t kb, Isa isa) {
-    dispatch_dtype(b_t_dtype, [&](auto d) { pack_cols<decltype(d)>(P, mp, b_t, mask_b, r, 0, k0, kb, isa); });
-    dispatch_dtype(b_e_dtype, [&](auto d) { pack_cols<decltype(d)>(P, mp, b_e, mask_b, r, r, k0, kb, isa); });
+    dispatch_dtype(b_t_dtype, [&](auto d) { pack_cols<decltype(d)>(P, mp, b_t, mask_b, r, 0, k0, kb, 1.0f, isa); });
+    dispatch_dtype(b_e_dtype, [&](auto d) { pack_cols<decltype(d)>(P, mp, b_e, mask_b, r, r, k0, kb, e_scale, isa); });
   });
   // <B1 A1, B2 A2>_F = sum_pq (B1^T B2)[p, q] (A1 A2^T)[p, q]; the r x r blocks of the stacked Grams.
   double dot = 0, nt = 0, ne = 0;

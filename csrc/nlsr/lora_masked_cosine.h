@@ -13,8 +13,10 @@ namespace nlsr {
 // the final contraction is fp64. NaN/inf in masked entries propagate (as in the reference).
 // Preconditions (checked in Python): a_t, a_e hold r x d_in contiguous elements, b_t, b_e d_out x r, each of its
 // own dtype; mask_a is a PackedMask buffer (r, ceil(d_in / 8)), mask_b (d_out, ceil(r / 8)); r >= 1.
+// e_scale: the reference factors are e_scale * A_e and e_scale * B_e, each product rounded to fp32 as the factor is
+// read (the amplification, docs/algorithm.md §2, without an fp32 copy of the reference); 1 for a ready reference.
 void lora_masked_cosine(double sums[3], const void* a_t, DType a_t_dtype, const void* a_e, DType a_e_dtype,
                         const void* b_t, DType b_t_dtype, const void* b_e, DType b_e_dtype, const uint8_t* mask_a,
-                        const uint8_t* mask_b, int64_t r, int64_t d_in, int64_t d_out);
+                        const uint8_t* mask_b, int64_t r, int64_t d_in, int64_t d_out, float e_scale);
 
 }  // namespace nlsr

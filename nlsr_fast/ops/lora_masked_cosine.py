@@ -21,10 +21,12 @@ def lora_masked_cosine_reference(
     b_e: torch.Tensor,
     mask_a: PackedMask,
     mask_b: PackedMask,
+    e_scale: float = 1.0,
 ) -> tuple[float, float, float]:
     """The spec in fp64: <B1 A1, B2 A2>_F = sum((B1^T B2) * (A1 A2^T)); returns (<t,e>, |t|^2, |e|^2)."""
     ma = mask_a.to_bool()
     mb = mask_b.to_bool()
+    a_e, b_e = scaled_reference(a_e, b_e, e_scale)
     at = a_t.double() * ma
     ae = a_e.double() * ma
     bt = b_t.double() * mb
@@ -34,6 +36,13 @@ def lora_masked_cosine_reference(
         return float(((b1.T @ b2) * (a1 @ a2.T)).sum())
 
     return inner(bt, at, be, ae), inner(bt, at, bt, at), inner(be, ae, be, ae)
+
+
+def scaled_reference(a_e: torch.Tensor, b_e: torch.Tensor, e_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference factors times e_scale in fp32 (what the C++ core computes as it packs them)."""
+    if e_scale == 1.0:
+        return a_e, b_e
+    return a_e.float() * e_scale, b_e.float() * e_scale
 
 
 # --- cpu backend (C++ core) ---
@@ -47,6 +56,7 @@ def _lora_masked_cosine_cpu(
     b_e: torch.Tensor,
     mask_a: PackedMask,
     mask_b: PackedMask,
+    e_scale: float = 1.0,
 ) -> tuple[float, float, float]:
     from nlsr_fast.ops._cpu import dtype_code
     from nlsr_fast.ops._registry import require_cpp
@@ -68,6 +78,7 @@ def _lora_masked_cosine_cpu(
         r,
         d_in,
         b_t.shape[0],
+        e_scale,
     )
 
 
@@ -82,12 +93,13 @@ def _lora_masked_cosine_triton(
     b_e: torch.Tensor,
     mask_a: PackedMask,
     mask_b: PackedMask,
+    e_scale: float = 1.0,
 ) -> tuple[float, float, float]:
     from nlsr_fast.kernels.lora_masked_cosine import lora_masked_cosine_triton  # lazy: triton is optional
 
-    return lora_masked_cosine_triton(
-        a_t.contiguous(), b_t.contiguous(), a_e.contiguous(), b_e.contiguous(), mask_a.bits, mask_b.bits
-    )
+    a_e, b_e = scaled_reference(a_e, b_e, e_scale)
+    a_t, b_t, a_e, b_e = (x.float().contiguous() for x in (a_t, b_t, a_e, b_e))  # the kernel reads fp32
+    return lora_masked_cosine_triton(a_t, b_t, a_e, b_e, mask_a.bits, mask_b.bits)
 
 
 def lora_masked_cosine(
@@ -98,6 +110,7 @@ def lora_masked_cosine(
     mask_a: PackedMask,
     mask_b: PackedMask,
     *,
+    e_scale: float = 1.0,
     name: str | None = None,
     backend: str | None = None,
 ) -> float:
@@ -108,6 +121,8 @@ def lora_masked_cosine(
         b_t, b_e: (d_out, r) LoRA B factors, same shape and device.
         mask_a: PackedMask (r, d_in), applied to both A factors.
         mask_b: PackedMask (d_out, r), applied to both B factors.
+        e_scale: the reference is e_scale * A_e, e_scale * B_e, each product rounded to fp32 (the amplification,
+            applied as the factors are read, so a stored bf16 reference needs no fp32 copy).
         name: module name used in the zero-norm warning.
         backend: "reference" | "cpu" | "triton"; default picks the fastest available.
     Returns:
@@ -124,5 +139,5 @@ def lora_masked_cosine(
         raise ValueError(f"rank mismatch: a_t is {tuple(a_t.shape)} (r, d_in) but b_t is {tuple(b_t.shape)} (d_out, r)")
     check_mask("mask_a", mask_a, tuple(a_t.shape), a_t.device)
     check_mask("mask_b", mask_b, tuple(b_t.shape), b_t.device)
-    dot, nt, ne = select(OP, a_t.device, backend)(a_t, b_t, a_e, b_e, mask_a, mask_b)
+    dot, nt, ne = select(OP, a_t.device, backend)(a_t, b_t, a_e, b_e, mask_a, mask_b, e_scale)
     return cosine_from_sums(dot, nt, ne, name)

@@ -10,7 +10,7 @@ import torch
 from nlsr_fast.config import Preset, resolve_preset
 from nlsr_fast.pipeline._types import Factors
 
-__all__ = ["amplify"]
+__all__ = ["amplification", "amplify", "scaled"]
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +31,20 @@ def amplify(
         New {module: (A_e, B_e)} in fp32 (fp32 math; the inputs are not modified), same order as the input.
         A factor of exactly 1.0 returns fp32 copies of the inputs.
     """
-    preset = resolve_preset(preset)
+    c = amplification(alpha, preset)
+    log.info("amplify: preset %s, alpha %g, each factor x %.6g (delta x %.6g)", resolve_preset(preset).name, alpha,
+             c, c * c)
+    return {name: (scaled(a, c), scaled(b, c)) for name, (a, b) in adapter_factors.items()}
+
+
+def amplification(alpha: float, preset: Preset | str = "paper") -> float:
+    """The factor each aligned LoRA factor is multiplied by (alpha >= 0 checked here)."""
     if not alpha >= 0.0:
         raise ValueError(f"alpha must be >= 0, got {alpha!r}")
-    c = preset.amplification_factor(float(alpha))
-    log.info("amplify: preset %s, alpha %g, each factor x %.6g (delta x %.6g)", preset.name, alpha, c, c * c)
-    out: Factors = {}
-    for name, (a, b) in adapter_factors.items():
-        if c == 1.0:
-            out[name] = (a.float().clone(), b.float().clone())
-        else:
-            out[name] = (a.float() * c, b.float() * c)
-    return out
+    return resolve_preset(preset).amplification_factor(float(alpha))
+
+
+def scaled(x: torch.Tensor, c: float) -> torch.Tensor:
+    """x times c in fp32: a new tensor (x is not modified). The streaming LoRA space applies the same fp32 products
+    to the masked entries only (and the similarity kernel as it reads the factors), so both give these bits."""
+    return x.float().clone() if c == 1.0 else x.float() * c

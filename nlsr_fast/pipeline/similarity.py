@@ -22,6 +22,7 @@ def similarity(
     ref_factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     masks: Mapping[str, tuple[PackedMask, PackedMask]],
     *,
+    ref_scale: float = 1.0,
     backend: str | None = None,
     warn: bool = True,
 ) -> dict[str, float]:
@@ -31,6 +32,8 @@ def similarity(
         ft_factors: {module: (A_t (r, d_in), B_t (d_out, r))}, in model order.
         ref_factors: {module: (A_e, B_e)}, same shapes (any float dtypes).
         masks: {module: (mask_A (r, d_in), mask_B (d_out, r))} from the reference.
+        ref_scale: the reference is ref_scale times ref_factors, in fp32 (a stored aligned adapter and its
+            amplification: see lora.Reference).
         backend: ops backend; None picks the fastest available.
         warn: also issue each zero-norm warning as a Python RuntimeWarning (it is always logged). The streaming
             executor passes False: the CLI shows logs and Python warnings both, so each module's warning would
@@ -46,18 +49,27 @@ def similarity(
         mask_a, mask_b = masks[name]
         device = a_t.device
         with logged_warnings(warn):
-            # fp32 for every factor: exact for bf16/fp16 inputs, and kernels see one dtype.
+            a_t, b_t, a_e, b_e = (_kernel_input(x, device) for x in (a_t, b_t, a_e, b_e))
             out[name] = lora_masked_cosine(
-                a_t.float(),
-                b_t.float(),
-                a_e.to(device).float(),
-                b_e.to(device).float(),
+                a_t,
+                b_t,
+                a_e,
+                b_e,
                 mask_a.to(device),
                 mask_b.to(device),
+                e_scale=ref_scale,
                 name=name,
                 backend=backend,
             )
     return out
+
+
+def _kernel_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The C++ core reads bf16/fp16/fp32 as stored (exact in its fp32 products); elsewhere kernels see fp32."""
+    x = x.to(device)
+    if device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16, torch.float32):
+        return x
+    return x.float()
 
 
 @contextlib.contextmanager

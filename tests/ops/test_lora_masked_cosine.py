@@ -95,6 +95,22 @@ def test_lora_masked_cosine_reference_scale_invariant(backend, scale_a, scale_b)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("e_scale", [1.0, 1.2247448713915890, 0.9], ids=str)
+def test_lora_masked_cosine_e_scale_is_the_scaled_reference_bit_for_bit(backend, dtype, e_scale):
+    """e_scale multiplies the stored reference factors as they are read: the same sums, bit for bit, as the factors
+    scaled in fp32 beforehand (what the LoRA space computed before it kept the reference as stored). Shapes cross
+    the kernel's 256-wide blocks and 2048-wide chunks."""
+    a_t, b_t, a_e, b_e = _inputs(16, 4100, 2051, dtype)
+    ma, mb = random_mask((16, 2051)), random_mask((4100, 16))
+    got = lora_masked_cosine(a_t, b_t, a_e, b_e, ma, mb, e_scale=e_scale, backend=backend)
+    want = lora_masked_cosine(a_t.float(), b_t.float(), a_e.float() * e_scale, b_e.float() * e_scale, ma, mb,
+                              backend=backend)
+    assert got == want, (got, want)
+    assert abs(got - lora_masked_cosine(a_t, b_t, a_e, b_e, ma, mb, backend=backend)) <= 1e-5  # c drops out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_lora_masked_cosine_zero_norm_gives_zero_with_warning(backend):
     a_t, b_t, a_e, b_e = _inputs(4, 9, 13, torch.float32)
     with pytest.warns(RuntimeWarning, match="layers.0.q_proj.*zero norm"):
