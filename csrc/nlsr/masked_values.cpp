@@ -2,6 +2,7 @@
 
 #include <vector>
 
+#include "nlsr/cpu_features.h"
 #include "nlsr/parallel.h"
 #include "nlsr/simd.h"
 
@@ -58,10 +59,23 @@ int64_t scatter(E* dst, const E* values, const uint8_t* mask, int64_t rows, int6
 
 }  // namespace
 
-int64_t popcount(const uint8_t* bytes, int64_t n) {
+namespace {
+
+__attribute__((always_inline)) inline int64_t popcount_words(const uint8_t* bytes, int64_t n) {
   int64_t total = 0;
   for (int64_t b = 0; b < n; b += 8) total += __builtin_popcountll(mask_word(bytes + b, n - b));
   return total;
+}
+
+// Without -march the builtin is a libgcc call, several times slower than the POPCNT instruction that every CPU
+// with AVX2 has; the same count either way.
+NLSR_AVX2 int64_t popcount_hw(const uint8_t* bytes, int64_t n) { return popcount_words(bytes, n); }
+
+}  // namespace
+
+int64_t popcount(const uint8_t* bytes, int64_t n) {
+  static const bool hw = best_isa() != Isa::kPortable;
+  return hw ? popcount_hw(bytes, n) : popcount_words(bytes, n);
 }
 
 void masked_gather(void* values, const void* src, int64_t elem_bytes, const uint8_t* mask, int64_t rows,

@@ -11,8 +11,8 @@
 
 #include "nlsr/dtype.h"
 
-#define NLSR_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define NLSR_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+#define NLSR_AVX2 __attribute__((target("avx2,fma,f16c,popcnt")))
+#define NLSR_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c,popcnt")))
 
 namespace nlsr {
 
