@@ -46,6 +46,10 @@ class Reference(NamedTuple):
     b: torch.Tensor  # B (d_out, r)
     scale: float  # the amplification factor; 1.0 for a ready reference
 
+    @property
+    def stored(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.a, self.b
+
     def fp32(self) -> tuple[torch.Tensor, torch.Tensor]:
         return scaled(self.a, self.scale), scaled(self.b, self.scale)
 
@@ -94,7 +98,6 @@ class LoraSpace:
                  nonfinite: NonFinite, out: PlannedSafetensors | None = None,
                  extras: dict[str, tuple[str, torch.Tensor | None]] | None = None) -> None:
         self.ft, self.source, self.preset = ft, source, preset
-        self.amplify_alpha = amplify_alpha
         self.method, self.sparsity, self.seed = method, sparsity, seed
         self.backend, self.device = backend, device
         self.nonfinite = nonfinite
@@ -145,7 +148,7 @@ class LoraSpace:
             raise AssertionError(f"masks of method {self.method!r} are computed by calibration before pass 1")
         # Each mask has its own stream (seed, mask key): no other module is drawn, whatever the order or process.
         # A method without calibration draws its masks from the shapes (random, safelora): the stored factors serve.
-        got = masks_from_statistics(self.method, {name: loaded.ref[:2]}, sparsity=self.sparsity,
+        got = masks_from_statistics(self.method, {name: loaded.ref.stored}, sparsity=self.sparsity,
                                     preset=self.preset, seed=self.seed, backend=self.backend)[name]
         return dict(zip(lora_mask_keys(name), got, strict=True))
 
@@ -157,7 +160,7 @@ class LoraSpace:
                                                          loaded.ft, self.ft.scale(name))
             return cos
         key_a, key_b = lora_mask_keys(name)
-        return similarity({name: loaded.ft}, {name: loaded.ref[:2]}, {name: (masks[key_a], masks[key_b])},
+        return similarity({name: loaded.ft}, {name: loaded.ref.stored}, {name: (masks[key_a], masks[key_b])},
                           ref_scale=loaded.ref.scale, backend=self.backend, warn=False)[name]
 
     def restore_values(self, name: str, loaded: LoraModuleTensors,
@@ -173,7 +176,7 @@ class LoraSpace:
                     key_b: scaled(loaded.ref.b, loaded.ref.scale).to(b_t.dtype).reshape(-1)}
         # The stored entries under the mask, then scaled and cast: elementwise, the bits of fp32() cast and gathered.
         return {key: scaled(masked_values(e, masks[key], backend=self.backend), loaded.ref.scale).to(t.dtype)
-                for key, t, e in zip((key_a, key_b), loaded.ft, loaded.ref[:2], strict=True)}
+                for key, t, e in zip((key_a, key_b), loaded.ft, loaded.ref.stored, strict=True)}
 
     # -- file order (pass 1 reads in it) and pass 2: the output adapter ------------------------------------------
     def file_order(self, items: list[str]) -> list[str]:

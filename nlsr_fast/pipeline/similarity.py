@@ -65,11 +65,10 @@ def similarity(
 
 
 def _kernel_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The C++ core reads bf16/fp16/fp32 as stored (exact in its fp32 products); elsewhere kernels see fp32."""
+    """bf16/fp16/fp32 as stored: every backend converts them exactly (the C++ core as it packs, Triton to fp32, the
+    reference to fp64); any other dtype in fp32."""
     x = x.to(device)
-    if device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16, torch.float32):
-        return x
-    return x.float()
+    return x if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else x.float()
 
 
 @contextlib.contextmanager
